@@ -1,0 +1,1 @@
+"""The `fhirgate` command line."""

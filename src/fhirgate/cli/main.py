@@ -1,0 +1,38 @@
+"""Entry point of the `fhirgate` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from fhirgate import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fhirgate.cli import config_cmd, gateway_cmd
+
+    parser = argparse.ArgumentParser(
+        prog="fhirgate",
+        description="fhirgate: secure any FHIR server with OAuth 2.0 and SMART on FHIR.",
+    )
+    parser.add_argument("--version", action="version", version=f"fhirgate {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    gateway_cmd.register(sub)
+    config_cmd.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    result: int = func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

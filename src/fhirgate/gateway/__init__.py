@@ -1,0 +1,1 @@
+"""The data plane: HTTP server, upstream pool, router, plugin pipeline and PDK."""

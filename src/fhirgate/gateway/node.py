@@ -1,0 +1,340 @@
+"""A gateway node: N worker processes sharing the listeners with SO_REUSEPORT.
+
+The master process binds each listener once (resolving port 0 and reserving the port, without
+listening), forks the workers and supervises them. Each worker binds its own listening socket on
+the same address with SO_REUSEPORT, so the kernel spreads connections across workers, and runs
+its own uvloop event loop. Signals (sent to the master, which forwards them):
+
+- SIGTERM / SIGINT: stop accepting, let in-flight requests finish up to `shutdown_timeout`, exit.
+- SIGHUP: re-read the declarative file; a file with errors is refused (logged) and the old
+  configuration keeps serving; a good one is loaded by every worker without dropping connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fhirgate.config import GatewayConfig, empty_config, load_config_file
+from fhirgate.errors import ConfigError
+from fhirgate.gateway.accesslog import AccessLog
+from fhirgate.gateway.proxy import Gateway
+from fhirgate.gateway.server import ClientProtocol
+from fhirgate.gateway.status import StatusGateway
+from fhirgate.settings import Settings, parse_hostport
+
+log = logging.getLogger("fhirgate.node")
+
+
+@dataclass
+class Listener:
+    kind: str  # "proxy" | "ssl" | "status"
+    host: str
+    port: int
+    family: int = socket.AF_INET
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.kind == "ssl" else "http"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+
+def _bind(host: str, port: int, reuse_port: bool = True) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((host, port))
+    sock.setblocking(False)
+    return sock
+
+
+def plan_listeners(settings: Settings) -> list[Listener]:
+    out: list[Listener] = []
+    for addr in settings.listen:
+        host, port = parse_hostport(addr)
+        out.append(Listener("proxy", host, port))
+    if settings.ssl_cert:
+        for addr in settings.ssl_listeners:
+            host, port = parse_hostport(addr)
+            out.append(Listener("ssl", host, port))
+    if settings.status_listen:
+        host, port = parse_hostport(settings.status_listen)
+        out.append(Listener("status", host, port))
+    return out
+
+
+def server_ssl_context(settings: Settings) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(settings.ssl_cert), str(settings.ssl_cert_key) if settings.ssl_cert_key else None)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def setup_logging(settings: Settings) -> None:
+    level = {
+        "debug": logging.DEBUG,
+        "info": logging.INFO,
+        "notice": logging.INFO,
+        "warn": logging.WARNING,
+        "error": logging.ERROR,
+        "crit": logging.CRITICAL,
+    }[settings.log_level]
+    target = settings.proxy_error_log
+    handler: logging.Handler
+    if target in ("stderr", "stdout"):
+        handler = logging.StreamHandler(sys.stderr if target == "stderr" else sys.stdout)
+    else:
+        handler = logging.FileHandler(target)
+    if settings.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s [%(levelname)s] %(process)d %(name)s: %(message)s")
+        )
+    root = logging.getLogger("fhirgate")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        data = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "pid": record.process,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data)
+
+
+@dataclass
+class WorkerRuntime:
+    """Everything one worker runs (also used in-process by the tests)."""
+
+    settings: Settings
+    config: GatewayConfig
+    config_path: Path | None = None
+    gateway: Gateway | None = None
+    status: StatusGateway | None = None
+    servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    listeners: list[Listener] = field(default_factory=list)
+    stopped: asyncio.Event | None = None
+
+    async def start(self, listeners: list[Listener]) -> None:
+        loop = asyncio.get_running_loop()
+        access_log = (
+            AccessLog(self.settings.proxy_access_log, self.settings.log_format)
+            if self.settings.proxy_access_log != "off"
+            else None
+        )
+        self.gateway = gateway = Gateway(self.settings, self.config, access_log=access_log)
+        self.stopped = asyncio.Event()
+        ssl_ctx = server_ssl_context(self.settings) if any(li.kind == "ssl" for li in listeners) else None
+        for li in listeners:
+            sock = _bind(li.host, li.port)
+            factory: Callable[[], asyncio.Protocol]
+            if li.kind == "status":
+                if self.status is None:
+                    self.status = StatusGateway(self.settings, gateway)
+                status = self.status
+                factory = lambda s=status: ClientProtocol(s)  # type: ignore[misc]  # noqa: E731
+                server = await loop.create_server(factory, sock=sock, backlog=1024)
+            elif li.kind == "ssl":
+                factory = lambda: ClientProtocol(gateway, tls=True)  # noqa: E731
+                server = await loop.create_server(
+                    factory, sock=sock, backlog=4096, ssl=ssl_ctx, ssl_handshake_timeout=10
+                )
+            else:
+                factory = lambda: ClientProtocol(gateway)  # noqa: E731
+                server = await loop.create_server(factory, sock=sock, backlog=4096)
+            bound = sock.getsockname()
+            self.listeners.append(Listener(li.kind, li.host, bound[1]))
+            self.servers.append(server)
+
+    def reload(self) -> bool:
+        """Re-read the declarative file; keep the old configuration if the new one is bad."""
+        if self.config_path is None or self.gateway is None:
+            return False
+        try:
+            config = load_config_file(self.config_path)
+        except ConfigError as exc:
+            log.error("configuration reload refused, still serving the previous one:\n%s", exc.describe())
+            return False
+        except OSError as exc:
+            log.error("configuration reload refused (%s), still serving the previous one", exc)
+            return False
+        self.config = config
+        self.gateway.reload(config)
+        log.info("configuration reloaded from %s", self.config_path)
+        return True
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop accepting, finish in-flight requests up to `timeout`, close the rest."""
+        gateway = self.gateway
+        for server in self.servers:
+            server.close()
+        if gateway is None:
+            return
+        gateway.draining = True
+        for conn in list(gateway.connections):
+            if conn.current is None and not conn.queue:
+                conn.close()  # idle keep-alive connection
+            elif conn.current is not None:
+                conn.current.keep_alive = False
+        deadline = time.monotonic() + timeout
+        while gateway.tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(gateway.connections):
+            conn.abort()
+        gateway.close()
+        if self.status is not None:
+            self.status.close()
+        if gateway.access_log is not None:
+            gateway.access_log.close()
+
+
+def _worker_main(settings: Settings, config: GatewayConfig, config_path: Path | None,
+                 listeners: list[Listener], ready_w: int) -> None:
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    runtime = WorkerRuntime(settings, config, config_path)
+    stop = asyncio.Event()
+
+    async def main() -> None:
+        await runtime.start(listeners)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, runtime.reload)
+        os.write(ready_w, b"1")
+        os.close(ready_w)
+        await stop.wait()
+        await runtime.shutdown(settings.shutdown_timeout)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+class Node:
+    """The master process."""
+
+    def __init__(self, settings: Settings, config: GatewayConfig, config_path: Path | None) -> None:
+        self.settings = settings
+        self.config = config
+        self.config_path = config_path
+        self.workers: dict[int, int] = {}  # pid -> index
+        self.reserved: list[socket.socket] = []
+        self.listeners: list[Listener] = []
+        self._stopping = False
+        self._reload = False
+
+    def reserve(self) -> None:
+        for li in plan_listeners(self.settings):
+            sock = _bind(li.host, li.port)
+            self.reserved.append(sock)
+            self.listeners.append(Listener(li.kind, li.host, sock.getsockname()[1]))
+
+    def _spawn(self, index: int) -> int:
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # worker
+            os.close(ready_r)
+            for sock in self.reserved:
+                sock.close()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            code = 0
+            try:
+                _worker_main(self.settings, self.config, self.config_path, self.listeners, ready_w)
+            except BaseException:
+                log.exception("worker %d crashed", index)
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(ready_w)
+        with os.fdopen(ready_r, "rb") as ready:
+            ok = ready.read(1) == b"1"
+        if not ok:
+            raise RuntimeError(f"worker {index} failed to start (see the error log)")
+        self.workers[pid] = index
+        return pid
+
+    def run(self, on_ready: Callable[[list[Listener]], None] | None = None) -> int:
+        self.reserve()
+        for i in range(self.settings.workers):
+            self._spawn(i)
+        if on_ready is not None:
+            on_ready(self.listeners)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+            index = self.workers.pop(pid, None)
+            if self._stopping or index is None:
+                continue
+            log.error("worker %d (pid %d) exited with status %d; restarting it", index, pid, status)
+            with contextlib.suppress(RuntimeError):
+                self._spawn(index)
+        for sock in self.reserved:
+            sock.close()
+        return 0
+
+    def _forward(self, sig: int) -> None:
+        for pid in list(self.workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def _on_stop(self, signum: int, _frame: object) -> None:
+        self._stopping = True
+        self._forward(signal.SIGTERM)
+
+    def _on_hup(self, _signum: int, _frame: object) -> None:
+        if self.config_path is None:
+            log.warning("SIGHUP: no declarative file to reload")
+            return
+        try:
+            config = load_config_file(self.config_path)
+        except ConfigError as exc:
+            log.error("configuration reload refused, still serving the previous one:\n%s", exc.describe())
+            return
+        except OSError as exc:
+            log.error("configuration reload refused (%s)", exc)
+            return
+        self.config = config  # workers restarted later start from it
+        self._forward(signal.SIGHUP)
+
+
+def load_or_empty(path: Path | None) -> GatewayConfig:
+    return load_config_file(path) if path is not None else empty_config()

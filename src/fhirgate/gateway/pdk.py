@@ -1,0 +1,272 @@
+"""The plugin development kit: the only API plugins use to see and change a request.
+
+Modelled on Kong's PDK (`kong.request`, `kong.response`, `kong.client`, `kong.service.request`,
+`kong.router`, `kong.ctx`, `kong.log`), so a plugin ported from Kong reads the same. One `PDK`
+object exists per request and only when the request runs at least one plugin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import parse_qs
+
+from fhirgate.errors import GatewayExit
+
+if TYPE_CHECKING:
+    from fhirgate.gateway.context import RequestContext
+
+log = logging.getLogger("fhirgate.plugins")
+
+
+class _Request:
+    """`kong.request`: the request as the client sent it (path already normalized)."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self._ctx = ctx
+
+    def get_method(self) -> str:
+        return self._ctx.method
+
+    def get_scheme(self) -> str:
+        return self._ctx.scheme
+
+    def get_host(self) -> str:
+        """Host header without port, lower-cased."""
+        return self._ctx.host_name
+
+    def get_port(self) -> int:
+        return self._ctx.listener_port
+
+    def get_path(self) -> str:
+        """The normalized path (what routing and the upstream see), without query string."""
+        return self._ctx.path
+
+    def get_raw_path(self) -> str:
+        """The path exactly as the client sent it."""
+        return self._ctx.raw_path
+
+    def get_raw_query(self) -> str:
+        return self._ctx.query
+
+    def get_query(self) -> dict[str, list[str]]:
+        return parse_qs(self._ctx.query, keep_blank_values=True)
+
+    def get_query_arg(self, name: str) -> str | None:
+        values = self.get_query().get(name)
+        return values[0] if values else None
+
+    def get_header(self, name: str) -> str | None:
+        """First value of header `name` (case-insensitive), or None."""
+        values = self._ctx.header_map().get(name.lower())
+        return values[0] if values else None
+
+    def get_headers(self) -> Mapping[str, list[str]]:
+        """All request headers, names lower-cased, values in order."""
+        return self._ctx.header_map()
+
+    def get_http_version(self) -> str:
+        return self._ctx.http_version
+
+    def get_content_length(self) -> int | None:
+        return self._ctx.content_length
+
+    async def get_raw_body(self) -> bytes:
+        """Read and buffer the whole request body (the request then stops streaming)."""
+        return await self._ctx.read_body()
+
+
+class _Client:
+    """`kong.client`."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self._ctx = ctx
+
+    def get_ip(self) -> str:
+        """The address of the peer that connected to the gateway."""
+        return self._ctx.client_ip
+
+    def get_forwarded_ip(self) -> str:
+        """The client's address, from X-Forwarded-For when the peer is a trusted proxy."""
+        return self._ctx.forwarded_ip
+
+    def get_port(self) -> int:
+        return self._ctx.client_port
+
+    def get_consumer(self) -> Any:
+        return self._ctx.consumer
+
+    def get_credential(self) -> Any:
+        return self._ctx.credential
+
+    def authenticate(self, consumer: Any, credential: Any) -> None:
+        self._ctx.consumer = consumer
+        self._ctx.credential = credential
+        self._ctx.consumer_changed()
+
+
+class _ServiceRequest:
+    """`kong.service.request`: change what is sent upstream."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self._ctx = ctx
+
+    def set_header(self, name: str, value: str) -> None:
+        self._ctx.upstream_header_ops[name.lower()] = (name, value)
+
+    def clear_header(self, name: str) -> None:
+        self._ctx.upstream_header_ops[name.lower()] = (name, None)
+
+    def set_path(self, path: str) -> None:
+        self._ctx.upstream_path = path
+
+    def set_raw_query(self, query: str) -> None:
+        self._ctx.upstream_query = query
+
+    def enable_buffering(self) -> None:
+        """Ask for the whole response body to be buffered (for `kong.service.response`)."""
+        self._ctx.buffer_response = True
+
+
+class _Service:
+    __slots__ = ("request",)
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self.request = _ServiceRequest(ctx)
+
+
+class _Response:
+    """`kong.response`: the response to the client."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self._ctx = ctx
+
+    def exit(
+        self,
+        status: int,
+        body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        fhir_code: str | None = None,
+    ) -> NoReturn:
+        """Answer now with `status`; `body` a dict (JSON), str or bytes. Stops the request."""
+        raise GatewayExit(status, body, dict(headers or {}), fhir_code)
+
+    def error(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> NoReturn:
+        """Kong's `kong.response.error`: a `{"message": ...}` body in the route's dialect."""
+        raise GatewayExit(status, {"message": message}, dict(headers or {}))
+
+    def get_status(self) -> int:
+        return self._ctx.response_status
+
+    def get_source(self) -> str:
+        """``"service"`` (the upstream answered), ``"exit"`` (a plugin or the gateway) or
+        ``"error"``."""
+        return self._ctx.response_source
+
+    def get_header(self, name: str) -> str | None:
+        lname = name.lower()
+        for k, v in self._ctx.response_headers:
+            if k.lower() == lname:
+                return v
+        return None
+
+    def get_headers(self) -> list[tuple[str, str]]:
+        return list(self._ctx.response_headers)
+
+    def set_header(self, name: str, value: str) -> None:
+        self.clear_header(name)
+        self._ctx.response_headers.append((name, value))
+
+    def add_header(self, name: str, value: str) -> None:
+        self._ctx.response_headers.append((name, value))
+
+    def clear_header(self, name: str) -> None:
+        lname = name.lower()
+        self._ctx.response_headers[:] = [
+            (k, v) for k, v in self._ctx.response_headers if k.lower() != lname
+        ]
+
+    def set_headers(self, headers: Mapping[str, str]) -> None:
+        for k, v in headers.items():
+            self.set_header(k, v)
+
+
+class _Router:
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self._ctx = ctx
+
+    def get_route(self) -> Any:
+        return self._ctx.route
+
+    def get_service(self) -> Any:
+        return self._ctx.service
+
+
+class _Ctx:
+    """`kong.ctx`: `shared` is one dict per request for all plugins; `plugin` one per plugin."""
+
+    __slots__ = ("_owner", "plugin", "shared")
+
+    def __init__(self, shared: dict[str, Any]) -> None:
+        self.shared = shared
+        self.plugin: dict[str, Any] = {}
+
+
+class _Log:
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self._ctx = ctx
+
+    def serialize(self) -> dict[str, Any]:
+        """Kong's log record for this request (`kong.log.serialize()`), with credentials
+        redacted."""
+        return self._ctx.serialize()
+
+    def debug(self, msg: str, *args: Any) -> None:
+        log.debug(msg, *args)
+
+    def info(self, msg: str, *args: Any) -> None:
+        log.info(msg, *args)
+
+    def warn(self, msg: str, *args: Any) -> None:
+        log.warning(msg, *args)
+
+    def err(self, msg: str, *args: Any) -> None:
+        log.error(msg, *args)
+
+
+class PDK:
+    """The `kong` object handed to every phase hook."""
+
+    __slots__ = ("client", "ctx", "log", "request", "response", "router", "service")
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self.request = _Request(ctx)
+        self.client = _Client(ctx)
+        self.service = _Service(ctx)
+        self.response = _Response(ctx)
+        self.router = _Router(ctx)
+        self.ctx = _Ctx(ctx.shared)
+        self.log = _Log(ctx)
+
+    def for_plugin(self, plugin_ctx: dict[str, Any]) -> PDK:
+        """Point `kong.ctx.plugin` at one plugin's own dict (called by the pipeline)."""
+        self.ctx.plugin = plugin_ctx
+        return self
+
+
+def json_body(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

@@ -1,0 +1,1 @@
+"""Gateway plugins. One package per plugin (`<name>/schema.py`, `<name>/handler.py`)."""

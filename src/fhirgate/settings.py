@@ -1,0 +1,227 @@
+"""Node settings (Kong's `kong.conf` equivalent): one typed model.
+
+Precedence (DECISIONS.md): CLI flags, then `FHIRGATE_*` environment variables, then a
+`fhirgate.toml` file (``--settings FILE`` or ``./fhirgate.toml``), then defaults. Entities
+(services, routes, consumers, plugins) never live here: they come from the declarative file or
+the store. `docs/settings.md` is generated from this model (`python -m fhirgate.settings`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from fhirgate.errors import ConfigError, ConfigIssue
+
+_TOML_FILE: list[Path] = [Path("fhirgate.toml")]
+
+
+def _default_workers() -> int:
+    return os.cpu_count() or 1
+
+
+class Settings(BaseSettings):
+    """Every node setting, with its default."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FHIRGATE_",
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    # --- listeners -------------------------------------------------------------------------
+    listen: list[str] = Field(
+        default_factory=lambda: ["0.0.0.0:8000"],
+        description="Proxy listeners, HOST:PORT (Kong's proxy_listen).",
+    )
+    listen_ssl: list[str] = Field(
+        default_factory=list,
+        description="TLS proxy listeners, HOST:PORT. Defaults to 0.0.0.0:8443 when ssl_cert is set.",
+    )
+    ssl_cert: Path | None = Field(None, description="PEM certificate (chain) for the TLS listeners.")
+    ssl_cert_key: Path | None = Field(None, description="PEM private key for ssl_cert.")
+    status_listen: str | None = Field(
+        None, description="Status listener HOST:PORT serving /status and /metrics; off when unset."
+    )
+    workers: int = Field(
+        default_factory=_default_workers,
+        ge=1,
+        le=256,
+        description="Worker processes sharing the listeners (SO_REUSEPORT). Default: number of cores.",
+    )
+
+    # --- client side limits and timeouts ---------------------------------------------------
+    max_request_line: int = Field(
+        8192, ge=256, description="Longest request line in bytes; longer is refused with 414."
+    )
+    max_header_size: int = Field(
+        32768, ge=1024, description="Largest total size of request headers in bytes; more is 431."
+    )
+    max_headers: int = Field(100, ge=8, description="Most request header fields; more is 431.")
+    client_header_timeout: int = Field(
+        60000, ge=1, description="ms to receive a whole request head (request line and headers)."
+    )
+    client_body_timeout: int = Field(
+        60000, ge=1, description="ms allowed between two reads of a request body."
+    )
+    keepalive_timeout: int = Field(
+        60000, ge=0, description="ms an idle client keep-alive connection stays open (0: no keep-alive)."
+    )
+    keepalive_requests: int = Field(
+        10000, ge=1, description="Requests served on one client connection before it is closed."
+    )
+    client_max_buffer: int = Field(
+        1048576,
+        ge=65536,
+        description="Bytes of request body held while the upstream is not yet writable (backpressure).",
+    )
+
+    # --- upstream side ---------------------------------------------------------------------
+    upstream_keepalive_pool_size: int = Field(
+        512, ge=0, description="Idle upstream connections kept per upstream host (0: no reuse)."
+    )
+    upstream_keepalive_idle_timeout: int = Field(
+        60, ge=0, description="Seconds an idle upstream connection is kept."
+    )
+    upstream_keepalive_max_requests: int = Field(
+        10000, ge=0, description="Requests per upstream connection before it is closed (0: no limit)."
+    )
+    ssl_trusted_certificate: Path | None = Field(
+        None, description="PEM CA bundle to verify HTTPS upstreams; default: the system's trust store."
+    )
+
+    # --- forwarding ------------------------------------------------------------------------
+    trusted_ips: list[str] = Field(
+        default_factory=list,
+        description="IPs/CIDRs whose X-Forwarded-* headers are believed (Kong's trusted_ips).",
+    )
+    real_ip_header: str = Field(
+        "X-Real-IP",
+        description="Header giving the client's address when the peer is trusted (or X-Forwarded-For).",
+    )
+    headers: list[str] = Field(
+        default_factory=lambda: ["server_tokens", "latency_tokens", "request_id"],
+        description=(
+            "Headers the gateway adds (Kong's `headers`): server_tokens (Via, Server), latency_tokens "
+            "(X-Fhirgate-Upstream-Latency, X-Fhirgate-Proxy-Latency), request_id "
+            "(X-Fhirgate-Request-Id), or off."
+        ),
+    )
+
+    # --- logs ------------------------------------------------------------------------------
+    log_level: Literal["debug", "info", "notice", "warn", "error", "crit"] = Field(
+        "notice", description="Error log level."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="Access and error log format.")
+    proxy_access_log: str = Field(
+        "off", description="Access log: a file path, `stdout`, `stderr` or `off`."
+    )
+    proxy_error_log: str = Field("stderr", description="Error log: a file path, `stdout` or `stderr`.")
+
+    # --- lifecycle -------------------------------------------------------------------------
+    shutdown_timeout: float = Field(
+        10.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM."
+    )
+
+    # --- storage (later parts) -------------------------------------------------------------
+    data_dir: Path = Field(Path(".fhirgate"), description="Where local state (SQLite, keys) lives.")
+    database_url: str | None = Field(None, description="PostgreSQL URL for shared state; SQLite if unset.")
+    redis_url: str | None = Field(None, description="Redis URL for cross-node counters and caches.")
+
+    @field_validator("listen", "listen_ssl", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
+    @field_validator("trusted_ips", "headers", mode="before")
+    @classmethod
+    def _split_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=_TOML_FILE[0]),
+        )
+
+    @property
+    def ssl_listeners(self) -> list[str]:
+        if self.listen_ssl:
+            return self.listen_ssl
+        return ["0.0.0.0:8443"] if self.ssl_cert else []
+
+
+def load_settings(settings_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the node settings: `overrides` (CLI flags; None values ignored), environment,
+    `settings_file` (or ./fhirgate.toml), defaults. Raises ConfigError naming each bad setting."""
+    from pydantic import ValidationError
+
+    _TOML_FILE[0] = settings_file or Path("fhirgate.toml")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        issues = [
+            ConfigIssue(".".join(str(p) for p in err["loc"]), err["msg"]) for err in exc.errors()
+        ]
+        raise ConfigError(issues, source="settings") from None
+
+
+def parse_hostport(value: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """`HOST:PORT`, `:PORT`, `PORT` or `[v6]:PORT` -> (host, port)."""
+    value = value.strip()
+    if value.startswith("["):
+        host, _, port = value[1:].partition("]:")
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    elif value.isdigit():
+        host, port = "", value
+    else:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"invalid port in {value!r}")
+    return (host or default_host), int(port)
+
+
+def settings_reference() -> str:
+    """Markdown table of every setting, its environment variable, default and description."""
+    lines = [
+        "| setting | environment | default | description |",
+        "|---|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        if field.default_factory is not None:
+            default: Any = "cores" if name == "workers" else field.default_factory()  # type: ignore[call-arg]
+        else:
+            default = field.default
+        lines.append(
+            f"| `{name}` | `FHIRGATE_{name.upper()}` | `{default}` | {field.description or ''} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(settings_reference())
