@@ -21,6 +21,7 @@ from typing import Any
 import h11
 
 from fhirgate.config import GatewayConfig, load_config_dict
+from fhirgate.gateway import hooks
 from fhirgate.gateway.node import Listener, WorkerRuntime
 from fhirgate.settings import Settings
 
@@ -184,6 +185,8 @@ class GatewayHandle:
     def __init__(self, config: GatewayConfig, settings: Settings, listeners: list[Listener]) -> None:
         import uvloop
 
+        hooks.run_before_fork(settings)
+        hooks.run_after_fork(settings)
         self.loop = uvloop.new_event_loop()
         self.runtime = WorkerRuntime(settings, config)
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)

@@ -13,6 +13,14 @@ REDACTED = "REDACTED"
 _REDACT = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
 
 
+class BodyTooLarge(Exception):
+    """The request body grew past the limit a plugin set (`kong.request.get_raw_body(limit)`)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"request body exceeds the limit ({size} bytes received)")
+        self.size = size
+
+
 class RequestContext:
     """Everything known about one request, from its head to the log phase."""
 
@@ -155,17 +163,24 @@ class RequestContext:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def read_body(self) -> bytes:
-        """Buffer the whole request body (a plugin asked for it). Idempotent."""
+    async def read_body(self, limit: int | None = None) -> bytes:
+        """Buffer the whole request body (a plugin asked for it). Idempotent.
+
+        With `limit`, raises `BodyTooLarge` as soon as more than `limit` bytes have arrived (the
+        rest is never read)."""
         loop = asyncio.get_running_loop()
         if self.expect_continue and self.conn is not None:
             self.conn.send_continue(self)
         while not self.body_complete:
+            if limit is not None and self.body_buffered_size > limit:
+                raise BodyTooLarge(self.body_buffered_size)
             if self.conn is not None:
                 self.conn.resume_body()
             self._body_waiter = loop.create_future()
             await self._body_waiter
             self._body_waiter = None
+        if limit is not None and self.body_buffered_size > limit:
+            raise BodyTooLarge(self.body_buffered_size)
         if len(self.body_buffer) > 1:
             self.body_buffer = [b"".join(self.body_buffer)]
         return self.body_buffer[0] if self.body_buffer else b""

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from fhirgate.config import GatewayConfig, empty_config, load_config_file
 from fhirgate.errors import ConfigError
+from fhirgate.gateway import hooks
 from fhirgate.gateway.accesslog import AccessLog
 from fhirgate.gateway.proxy import Gateway
 from fhirgate.gateway.server import ClientProtocol
@@ -219,6 +220,7 @@ def _worker_main(settings: Settings, config: GatewayConfig, config_path: Path | 
                  listeners: list[Listener], ready_w: int) -> None:
     import uvloop
 
+    hooks.run_after_fork(settings)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     runtime = WorkerRuntime(settings, config, config_path)
@@ -287,6 +289,7 @@ class Node:
 
     def run(self, on_ready: Callable[[list[Listener]], None] | None = None) -> int:
         self.reserve()
+        hooks.run_before_fork(self.settings)
         for i in range(self.settings.workers):
             self._spawn(i)
         if on_ready is not None:

@@ -75,9 +75,12 @@ class _Request:
     def get_content_length(self) -> int | None:
         return self._ctx.content_length
 
-    async def get_raw_body(self) -> bytes:
-        """Read and buffer the whole request body (the request then stops streaming)."""
-        return await self._ctx.read_body()
+    async def get_raw_body(self, limit: int | None = None) -> bytes:
+        """Read and buffer the whole request body (the request then stops streaming).
+
+        With `limit`, raises `fhirgate.gateway.context.BodyTooLarge` once more than `limit`
+        bytes have arrived, without reading the rest."""
+        return await self._ctx.read_body(limit)
 
 
 class _Client:
