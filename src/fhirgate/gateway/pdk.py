@@ -20,6 +20,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fhirgate.plugins")
 
+_BAD_HEADER_CHARS = frozenset("\r\n\x00")
+
+
+def _check_header(name: str, value: str | None) -> None:
+    """Refuse header injection: a name or value with CR, LF or NUL (RFC 9110 5.5)."""
+    if not name or any(c in _BAD_HEADER_CHARS or c in " :" for c in name):
+        raise ValueError(f"invalid header name {name!r}")
+    if value is not None and any(c in _BAD_HEADER_CHARS for c in value):
+        raise ValueError(f"invalid value for header {name!r}: contains CR, LF or NUL")
+
 
 class _Request:
     """`kong.request`: the request as the client sent it (path already normalized)."""
@@ -123,6 +133,7 @@ class _ServiceRequest:
         self._ctx = ctx
 
     def set_header(self, name: str, value: str) -> None:
+        _check_header(name, value)
         self._ctx.upstream_header_ops[name.lower()] = (name, value)
 
     def clear_header(self, name: str) -> None:
@@ -187,10 +198,12 @@ class _Response:
         return list(self._ctx.response_headers)
 
     def set_header(self, name: str, value: str) -> None:
+        _check_header(name, value)
         self.clear_header(name)
         self._ctx.response_headers.append((name, value))
 
     def add_header(self, name: str, value: str) -> None:
+        _check_header(name, value)
         self._ctx.response_headers.append((name, value))
 
     def clear_header(self, name: str) -> None:
