@@ -123,9 +123,7 @@ class Settings(BaseSettings):
         "notice", description="Error log level."
     )
     log_format: Literal["text", "json"] = Field("text", description="Access and error log format.")
-    proxy_access_log: str = Field(
-        "off", description="Access log: a file path, `stdout`, `stderr` or `off`."
-    )
+    proxy_access_log: str = Field("off", description="Access log: a file path, `stdout`, `stderr` or `off`.")
     proxy_error_log: str = Field("stderr", description="Error log: a file path, `stdout` or `stderr`.")
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -184,9 +182,7 @@ def load_settings(settings_file: Path | None = None, **overrides: Any) -> Settin
     try:
         return Settings(**given)
     except ValidationError as exc:
-        issues = [
-            ConfigIssue(".".join(str(p) for p in err["loc"]), err["msg"]) for err in exc.errors()
-        ]
+        issues = [ConfigIssue(".".join(str(p) for p in err["loc"]), err["msg"]) for err in exc.errors()]
         raise ConfigError(issues, source="settings") from None
 
 
@@ -217,9 +213,7 @@ def settings_reference() -> str:
             default: Any = "cores" if name == "workers" else field.default_factory()  # type: ignore[call-arg]
         else:
             default = field.default
-        lines.append(
-            f"| `{name}` | `FHIRGATE_{name.upper()}` | `{default}` | {field.description or ''} |"
-        )
+        lines.append(f"| `{name}` | `FHIRGATE_{name.upper()}` | `{default}` | {field.description or ''} |")
     return "\n".join(lines)
 
 

@@ -81,7 +81,9 @@ def test_nul_is_refused(raw):
         normalize_path(raw)
 
 
-@pytest.mark.parametrize("raw", ["/a\nb", "/a\rb", "/a\tb", "/a\x7fb", "/a%0Ab", "/a%0d%0aSet-Cookie:x", "/a%7f"])
+@pytest.mark.parametrize(
+    "raw", ["/a\nb", "/a\rb", "/a\tb", "/a\x7fb", "/a%0Ab", "/a%0d%0aSet-Cookie:x", "/a%7f"]
+)
 def test_control_characters_are_refused(raw):
     with pytest.raises(BadPathError, match="control character"):
         normalize_path(raw)

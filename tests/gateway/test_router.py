@@ -132,12 +132,20 @@ def test_header_routes_are_not_served_from_a_stale_cache():
     assert matched_name(router, headers={"x-v": ["1"]}) == "r0"
 
 
+def test_router_tells_whether_it_needs_request_headers():
+    assert make_router({"paths": ["/"]}).uses_headers is False
+    assert make_router({"paths": ["/"]}, {"headers": {"x-v": ["1"]}}).uses_headers is True
+
+
 def test_repeated_match_returns_the_same_result():
     router = make_router({"paths": ["/a"]}, {"paths": ["/b"]})
     first = router.match("GET", "h", "/b/x", None)
     second = router.match("GET", "h", "/b/x", None)
-    assert first is not None and second is not None
-    assert (first.route.name, first.upstream_path) == (second.route.name, second.upstream_path) == ("r1", "/x")
+    assert first is not None
+    assert second is not None
+    assert (
+        (first.route.name, first.upstream_path) == (second.route.name, second.upstream_path) == ("r1", "/x")
+    )
     assert router.match("GET", "h", "/c", None) is None
     assert router.match("GET", "h", "/c", None) is None
 
@@ -191,7 +199,9 @@ def test_higher_regex_priority_wins_among_regex_paths():
 
 
 def test_regex_priority_does_not_affect_plain_paths():
-    router = make_router({"paths": ["/v1/users"], "regex_priority": 0}, {"paths": ["/v1"], "regex_priority": 5})
+    router = make_router(
+        {"paths": ["/v1/users"], "regex_priority": 0}, {"paths": ["/v1"], "regex_priority": 5}
+    )
     assert matched_name(router, path="/v1/users/1") == "r0"
 
 

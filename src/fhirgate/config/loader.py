@@ -104,7 +104,9 @@ def format_loc(prefix: str, loc: Sequence[int | str]) -> str:
 
 
 # Extra entries pydantic puts in an error location (union members, validator wrappers).
-_LOC_NOISE = frozenset({"str", "int", "float", "bool", "none", "dict", "list", "ForeignRef", "CidrPort", "[key]"})
+_LOC_NOISE = frozenset(
+    {"str", "int", "float", "bool", "none", "dict", "list", "ForeignRef", "CidrPort", "[key]"}
+)
 
 
 def _loc_part_is_noise(part: int | str) -> bool:
@@ -357,7 +359,9 @@ class _Loader:
             ok = False
         for fname in ("sources", "destinations"):
             if getattr(data, fname):
-                self.error(f"{loc}.{fname}", f"'{fname}' matching is not supported by fhirgate on http routes")
+                self.error(
+                    f"{loc}.{fname}", f"'{fname}' matching is not supported by fhirgate on http routes"
+                )
                 ok = False
         return ok
 
@@ -380,7 +384,10 @@ class _Loader:
             route_id = data.id or _stable_id("routes", data.name or loc)
             if data.name is not None:
                 if data.name in seen_names:
-                    self.error(f"{loc}.name", f"duplicate route name '{data.name}' (first at {seen_names[data.name]})")
+                    self.error(
+                        f"{loc}.name",
+                        f"duplicate route name '{data.name}' (first at {seen_names[data.name]})",
+                    )
                 seen_names[data.name] = seen_names.get(data.name, loc)
             if route_id in seen_ids:
                 self.error(f"{loc}.id", f"duplicate route id '{route_id}' (first at {seen_ids[route_id]})")
@@ -429,7 +436,9 @@ class _Loader:
                     if value is None:
                         continue
                     if value in seen:
-                        self.error(f"{loc}.{key}", f"duplicate {kind} {key} '{value}' (first at {seen[value]})")
+                        self.error(
+                            f"{loc}.{key}", f"duplicate {kind} {key} '{value}' (first at {seen[value]})"
+                        )
                     else:
                         seen[value] = loc
 

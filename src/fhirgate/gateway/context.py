@@ -212,7 +212,9 @@ class RequestContext:
         consumer = self.consumer
         start = self.t_start
         proxy_ms = (
-            int((self.t_upstream_start - start) * 1000) if self.t_upstream_start else int((self.t_end - start) * 1000)
+            int((self.t_upstream_start - start) * 1000)
+            if self.t_upstream_start
+            else int((self.t_end - start) * 1000)
         )
         upstream_ms = (
             int((self.t_upstream_end_headers - self.t_upstream_start) * 1000)

@@ -90,9 +90,7 @@ def _message_of(body: Any) -> str:
     return str(body)
 
 
-def render(
-    exit_: GatewayExit, fhir: bool
-) -> tuple[int, list[tuple[str, str]], bytes]:
+def render(exit_: GatewayExit, fhir: bool) -> tuple[int, list[tuple[str, str]], bytes]:
     """Status, headers and body bytes for a gateway-made response."""
     headers: list[tuple[str, str]] = []
     content_type_set = False

@@ -20,7 +20,6 @@ import signal
 import socket
 import ssl
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,8 +190,8 @@ class WorkerRuntime:
         log.info("configuration reloaded from %s", self.config_path)
         return True
 
-    async def shutdown(self, timeout: float) -> None:
-        """Stop accepting, finish in-flight requests up to `timeout`, close the rest."""
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, finish in-flight requests up to `grace` seconds, close the rest."""
         gateway = self.gateway
         for server in self.servers:
             server.close()
@@ -204,9 +203,11 @@ class WorkerRuntime:
                 conn.close()  # idle keep-alive connection
             elif conn.current is not None:
                 conn.current.keep_alive = False
-        deadline = time.monotonic() + timeout
-        while gateway.tasks and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        if gateway.tasks:
+            idle = asyncio.Event()
+            gateway.on_idle = idle.set
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(idle.wait(), grace)
         for conn in list(gateway.connections):
             conn.abort()
         gateway.close()
@@ -216,8 +217,13 @@ class WorkerRuntime:
             gateway.access_log.close()
 
 
-def _worker_main(settings: Settings, config: GatewayConfig, config_path: Path | None,
-                 listeners: list[Listener], ready_w: int) -> None:
+def _worker_main(
+    settings: Settings,
+    config: GatewayConfig,
+    config_path: Path | None,
+    listeners: list[Listener],
+    ready_w: int,
+) -> None:
     import uvloop
 
     hooks.run_after_fork(settings)

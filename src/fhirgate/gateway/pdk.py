@@ -208,9 +208,7 @@ class _Response:
 
     def clear_header(self, name: str) -> None:
         lname = name.lower()
-        self._ctx.response_headers[:] = [
-            (k, v) for k, v in self._ctx.response_headers if k.lower() != lname
-        ]
+        self._ctx.response_headers[:] = [(k, v) for k, v in self._ctx.response_headers if k.lower() != lname]
 
     def set_headers(self, headers: Mapping[str, str]) -> None:
         for k, v in headers.items():

@@ -74,13 +74,17 @@ class Pipeline:
             scope = (spec.route_id, spec.service_id, spec.consumer_id)
             self._by_name.setdefault(spec.name, {})[scope] = spec
         self.has_consumer_scoped = any(s.consumer_id is not None for s in self.specs)
-        globals_ = [s for s in self.specs if s.route_id is None and s.service_id is None and s.consumer_id is None]
+        globals_ = [
+            s for s in self.specs if s.route_id is None and s.service_id is None and s.consumer_id is None
+        ]
         globals_.sort(key=lambda s: -type(s.handler).priority)
         self.rewrite: list[Step] = [st for s in globals_ if (st := _step(s, "rewrite")) is not None]
         self._cache: dict[Scope, Chain] = {}
         self.empty = not self.specs
 
-    def _lookup(self, name: str, route_id: str | None, service_id: str | None, consumer_id: str | None) -> PluginSpec | None:
+    def _lookup(
+        self, name: str, route_id: str | None, service_id: str | None, consumer_id: str | None
+    ) -> PluginSpec | None:
         scopes = self._by_name[name]
         r, s, c = route_id, service_id, consumer_id
         candidates: list[Scope] = []

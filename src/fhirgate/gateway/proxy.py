@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fhirgate import __version__, clock
 from fhirgate.errors import (
@@ -166,8 +166,8 @@ class Exchange:
         "last_activity",
         "loop",
         "streaming",
-        "timer",
         "timeout",
+        "timer",
         "upstream",
         "upstream_paused_writing",
         "waiter",
@@ -200,7 +200,9 @@ class Exchange:
         self.write_timeout = target.write_timeout
         self.last_activity = self.loop.time()
         self.upstream_paused_writing = False
-        self.timer: asyncio.TimerHandle | None = self.loop.call_at(self.last_activity + self.timeout, self._on_timer)
+        self.timer: asyncio.TimerHandle | None = self.loop.call_at(
+            self.last_activity + self.timeout, self._on_timer
+        )
 
     # --- timers ----------------------------------------------------------------------------
     def _on_timer(self) -> None:
@@ -212,7 +214,7 @@ class Exchange:
         if self.loop.time() < deadline:
             self.timer = self.loop.call_at(deadline, self._on_timer)
             return
-        self.on_upstream_error(asyncio.TimeoutError())
+        self.on_upstream_error(TimeoutError())
 
     def _stop_timer(self) -> None:
         if self.timer is not None:
@@ -455,7 +457,7 @@ class Gateway:
         finally:
             self.exchanges.pop(ctx, None)
             ctx.t_end = clock.now()
-            if chain is not None and chain.log or self.access_log is not None:
+            if (chain is not None and chain.log) or self.access_log is not None:
                 self.loop.call_soon(self._log_phase, ctx, chain)
             if self.draining and not self.tasks - {asyncio.current_task()} and self.on_idle is not None:
                 self.loop.call_soon(self.on_idle)
@@ -522,16 +524,24 @@ class Gateway:
             if ops and lname.decode("latin-1") in ops:
                 continue
             out += (name, b": ", value, b"\r\n")
-        for _lname, (name, value) in ops.items():
-            if value is not None:
-                out += (name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n")
+        for op_name, op_value in ops.values():
+            if op_value is not None:
+                out += (op_name.encode("latin-1"), b": ", op_value.encode("latin-1"), b"\r\n")
         client_ip = ctx.client_ip.encode()
         xff = fwd.get(b"x-forwarded-for")
         out += (b"X-Real-IP: ", ctx.forwarded_ip.encode(), b"\r\n")
         out += (b"X-Forwarded-For: ", (xff + b", " + client_ip) if xff else client_ip, b"\r\n")
         out += (b"X-Forwarded-Proto: ", fwd.get(b"x-forwarded-proto") or ctx.scheme.encode(), b"\r\n")
-        out += (b"X-Forwarded-Host: ", fwd.get(b"x-forwarded-host") or ctx.host_name.encode("latin-1"), b"\r\n")
-        out += (b"X-Forwarded-Port: ", fwd.get(b"x-forwarded-port") or str(ctx.listener_port).encode(), b"\r\n")
+        out += (
+            b"X-Forwarded-Host: ",
+            fwd.get(b"x-forwarded-host") or ctx.host_name.encode("latin-1"),
+            b"\r\n",
+        )
+        out += (
+            b"X-Forwarded-Port: ",
+            fwd.get(b"x-forwarded-port") or str(ctx.listener_port).encode(),
+            b"\r\n",
+        )
         out += (b"X-Forwarded-Path: ", fwd.get(b"x-forwarded-path") or ctx.path.encode("latin-1"), b"\r\n")
         prefix = fwd.get(b"x-forwarded-prefix")
         if prefix:
@@ -558,11 +568,11 @@ class Gateway:
             reused = conn is not None
             if conn is None:
                 try:
-                    conn = await self.pool.connect(target.key, target.connect_timeout)
+                    conn = await self.pool.connect(target.key, connect_timeout=target.connect_timeout)
                 except (TimeoutError, OSError) as exc:
                     timeout = isinstance(exc, TimeoutError)
                     ctx.tries.append({"balancer_latency": 0, "ip": target.key[1], "port": target.key[2]})
-                    if client._closing:  # noqa: SLF001
+                    if client._closing:
                         raise _ClientGone() from None
                     if tries <= target.retries:
                         continue
@@ -570,7 +580,7 @@ class Gateway:
                     if timeout:
                         raise GatewayExit(504, {"message": MSG_TIMEOUT}) from None
                     raise GatewayExit(502, {"message": MSG_BAD_GATEWAY}) from None
-            if client._closing:  # noqa: SLF001
+            if client._closing:
                 self.pool.release(conn)
                 raise _ClientGone()
             ctx.tries.append({"ip": target.key[1], "port": target.key[2]})
@@ -610,7 +620,7 @@ class Gateway:
                 await exchange.wait()
             if exchange.head is None:
                 err = exchange.error
-                if isinstance(err, _ClientGone):
+                if isinstance(err, (_ClientGone, GatewayExit)):
                     raise err
                 if (
                     reused
@@ -658,7 +668,9 @@ class Gateway:
         if self.latency_tokens:
             t0 = ctx.t_start
             up = ctx.t_upstream_start
-            headers.append(("X-Fhirgate-Upstream-Latency", str(int((ctx.t_upstream_end_headers - up) * 1000))))
+            headers.append(
+                ("X-Fhirgate-Upstream-Latency", str(int((ctx.t_upstream_end_headers - up) * 1000)))
+            )
             headers.append(("X-Fhirgate-Proxy-Latency", str(int((up - t0) * 1000))))
         if self._via:
             headers.append(("Via", "1.1 " + SERVER_TOKEN))
@@ -740,7 +752,7 @@ class Gateway:
         if tail:
             exchange.client.writelines(tail)
         self._done(ctx, exchange, exchange.client)
-        exchange._wake()  # noqa: SLF001
+        exchange._wake()
 
     def abort_streamed(self, exchange: Exchange) -> None:
         exchange.client.abort()
@@ -751,10 +763,10 @@ class Gateway:
         exchange = self.exchanges.pop(ctx, None)
         if exchange is not None and not exchange.complete:
             exchange.error = exchange.error or _ClientGone()
-            exchange._stop_timer()  # noqa: SLF001
+            exchange._stop_timer()
             exchange.upstream.abandon()
-            exchange._wake()  # noqa: SLF001
-        waiter = ctx._body_waiter  # noqa: SLF001
+            exchange._wake()
+        waiter = ctx._body_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(_ClientGone())
 
@@ -770,17 +782,28 @@ class Gateway:
             exchange.upstream.resume_reading()
 
     def client_body_timeout(self, ctx: RequestContext) -> None:
-        exchange = self.exchanges.pop(ctx, None)
-        if exchange is not None and exchange.head is None:
+        """The client stopped sending its body: free the upstream, answer 408 if we still can."""
+        timeout = GatewayExit(408, {"message": MSG_REQUEST_TIMEOUT})
+        ctx.keep_alive = False
+        exchange = self.exchanges.get(ctx)
+        if exchange is not None and not exchange.complete:
+            if exchange.head is None:
+                exchange.error = timeout
+                exchange._stop_timer()  # noqa: SLF001
+                exchange.upstream.abandon()
+                exchange._wake()  # noqa: SLF001
+                return
+            # The upstream already answered: cut everything.
             exchange.upstream.abandon()
-            exchange.error = GatewayExit(408, {"message": MSG_REQUEST_TIMEOUT})
-            exchange._wake()  # noqa: SLF001
-        client = ctx.conn
-        if client is not None:
-            if ctx.response_status == 0 and exchange is None:
-                client.refuse(408, MSG_REQUEST_TIMEOUT)
-            else:
-                client.abort()
+            if ctx.conn is not None:
+                ctx.conn.abort()
+            return
+        waiter = ctx._body_waiter  # noqa: SLF001
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(timeout)
+            return
+        if ctx.conn is not None and ctx.response_status == 0:
+            ctx.conn.abort()
 
     # --- gateway-made responses ------------------------------------------------------------
     def _response_head(
@@ -840,7 +863,7 @@ class Gateway:
         ctx = RequestContext()
         ctx.keep_alive = False
         ctx.request_id = self._new_request_id()
-        ctx.headers = list(client._headers)  # noqa: SLF001
+        ctx.headers = list(client._headers)
         fhir = self._is_fhir(ctx)
         status, headers, body = dialect.render(GatewayExit(status, {"message": message}), fhir)
         headers.insert(0, ("Date", self._http_date()))
@@ -871,4 +894,3 @@ class Gateway:
     def close(self) -> None:
         self.pool.close()
         self.state.pipeline.close()
-

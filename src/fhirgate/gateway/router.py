@@ -246,13 +246,13 @@ def upstream_path_v1(base: str, postfix: str, req_path: str, strip_path: bool) -
     return base + req_path[1:]
 
 
-def build_upstream_path(route: Route, service: Service | None, req_path: str, matched_path: str | None) -> str:
+def build_upstream_path(
+    route: Route, service: Service | None, req_path: str, matched_path: str | None
+) -> str:
     """The path Kong sends upstream for `req_path` (normalized) matched by `route`."""
     strip = route.strip_path
-    if strip and matched_path is not None:
-        postfix = req_path[len(matched_path) :]
-    else:
-        postfix = req_path[1:]
+    # Kong: the postfix is what follows the matched part when stripping, else the path minus "/".
+    postfix = req_path[len(matched_path) :] if strip and matched_path is not None else req_path[1:]
     base = (service.path if service is not None else None) or "/"
     if route.path_handling == "v1":
         return upstream_path_v1(base, postfix, req_path, strip)
@@ -277,6 +277,11 @@ class Router:
         # A cache keyed on the request's routing inputs; only when no route reads headers
         # (headers are unbounded input, Kong folds them into its key; we skip the cache instead).
         self._cache: dict[tuple[str, ...], RouteMatch | None] | None = None if self._uses_headers else {}
+
+    @property
+    def uses_headers(self) -> bool:
+        """True when some route matches on headers: only then does `match` need `headers`."""
+        return self._uses_headers
 
     @property
     def routes_count(self) -> int:

@@ -225,7 +225,7 @@ class ClientProtocol(asyncio.Protocol):
         if kind == "idle":
             self.close()
         elif kind == "header":
-            if self._url or self._headers or self.requests_served == 0 and self._header_bytes:
+            if self._url or self._headers or self._header_bytes:
                 self.refuse(408, MSG_REQUEST_TIMEOUT)
             else:
                 self.close()

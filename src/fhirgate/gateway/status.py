@@ -82,4 +82,3 @@ class StatusGateway(Gateway):
             "configuration_hash": main.state.config_hash,
             "worker": {"pid": os.getpid(), "in_flight": main.in_flight()},
         }
-

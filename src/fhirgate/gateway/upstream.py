@@ -256,7 +256,7 @@ class UpstreamPool:
                 return conn
         return None
 
-    async def connect(self, key: PoolKey, timeout: float) -> UpstreamConnection:
+    async def connect(self, key: PoolKey, *, connect_timeout: float) -> UpstreamConnection:
         scheme, host, port, verify = key
         loop = asyncio.get_running_loop()
         ssl_ctx = self.ssl_context(verify) if scheme == "https" else None
@@ -264,7 +264,7 @@ class UpstreamPool:
         coro = loop.create_connection(
             factory, host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx is not None else None
         )
-        _transport, conn = await asyncio.wait_for(coro, timeout)
+        _transport, conn = await asyncio.wait_for(coro, connect_timeout)
         self.connects += 1
         return conn
 
