@@ -44,6 +44,7 @@ REQUEST_PATH = "/fhir/Patient/example"
 PATIENT_SIZE = 2500  # bytes of the upstream body
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
+NOISY_SHARE = 0.10  # "other" CPU above this share of the machine during a run marks the run noisy
 
 # Bars of the issue: (target key, metric, comparison, factor, label)
 BARS: tuple[tuple[str, str, str, float, str], ...] = (
@@ -420,18 +421,21 @@ class Processes:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pgid, signal.SIGKILL)
                 proc.popen.wait(timeout=STOP_TIMEOUT_S)
-        # workers left behind by a master that died: they are still in the group we created
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while True:
+        # workers left behind by a master that exited: they are still in the group we created
+        for sig, grace in ((0, 3.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
             try:
-                os.killpg(pgid, 0)
+                os.killpg(pgid, sig)
             except ProcessLookupError:
                 break
-            if time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pgid, signal.SIGKILL)
-                break
-            time.sleep(0.1)
+            if sig:
+                say(f"{proc.name}: workers outlived pid {proc.pid}: {signal.Signals(sig).name} to its group")
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(pgid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
         if proc in self.procs:
             self.procs.remove(proc)
 
@@ -670,6 +674,7 @@ class Run:
     cpu_upstream_s: float
     cpu_wrk_s: float
     cpu_other_s: float
+    noisy: bool  # the rest of the machine used more than NOISY_SHARE of its CPU during the run
     loadavg_before: str
     raw: str
 
@@ -714,6 +719,7 @@ def summarize(t: Target) -> dict[str, Any]:
         "p99_max_ms": max(p99, default=float("nan")),
         "cpu_ms_per_1k_requests": median(cpu_per_k),
         "flagged_runs": sum(1 for r in t.runs if r.flagged),
+        "noisy_runs": sum(1 for r in t.runs if r.noisy),
         "errors": sum(sum(r.wrk["socket_errors"].values()) for r in t.runs),
         "non_2xx_3xx": sum(r.wrk["non_2xx_3xx"] for r in t.runs),
     }
@@ -983,7 +989,7 @@ def bench(
             run = measure(runner, wrk, args, t, upstream, rnd, pos)
             t.runs.append(run)
             r = run.wrk
-            flag = "  <-- ERRORS" if run.flagged else ""
+            flag = ("  <-- ERRORS" if run.flagged else "") + ("  (noisy: other load)" if run.noisy else "")
             say(
                 f"round {rnd + 1}/{args.runs} {t.label:<28} {r['rps']:>10.0f} req/s"
                 f"  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms"
@@ -995,6 +1001,15 @@ def bench(
                     f"{t.label} round {rnd + 1}: socket errors {r['socket_errors']}, "
                     f"non-2xx/3xx responses {r['non_2xx_3xx']}: this run is NOT a clean measurement"
                 )
+
+    noisy = sum(1 for t in active for r in t.runs if r.noisy)
+    if noisy:
+        say(
+            f"warning: {noisy} of {sum(len(t.runs) for t in active)} runs had other load above "
+            f"{NOISY_SHARE:.0%} of the machine (other processes or kernel work): the spread is wider; "
+            "rerun on a quiet machine for figures to publish",
+            style="yellow",
+        )
 
     # evidence that the plugins ran
     if with_plugins.skipped is None:
@@ -1031,6 +1046,7 @@ def measure(
     cpu_target = cpu_t1 - cpu_t0
     cpu_up = cpu_u1 - cpu_u0
     cpu_wrk = cpu_w1 - cpu_w0
+    other = (busy1 - busy0) - cpu_target - cpu_up - cpu_wrk
     return Run(
         round=rnd + 1,
         position=pos + 1,
@@ -1040,7 +1056,8 @@ def measure(
         cpu_target_s=round(cpu_target, 3),
         cpu_upstream_s=round(cpu_up, 3),
         cpu_wrk_s=round(cpu_wrk, 3),
-        cpu_other_s=round((busy1 - busy0) - cpu_target - cpu_up - cpu_wrk, 3),
+        cpu_other_s=round(other, 3),
+        noisy=other > NOISY_SHARE * wall * (os.cpu_count() or 1),
         loadavg_before=loadavg,
         raw=raw,
     )

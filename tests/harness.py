@@ -90,7 +90,7 @@ class Upstream:
 
         self._server = _Server(("127.0.0.1", 0), H)
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
     @property

@@ -425,6 +425,7 @@ class Gateway:
                     ctx.host,
                     ctx.path,
                     ctx.header_map() if state.router_needs_headers else None,
+                    scheme=ctx.scheme,
                 )
                 if match is None:
                     raise GatewayExit(404, {"message": MSG_NO_ROUTE})

@@ -153,9 +153,6 @@ class ClientProtocol(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             # An Upgrade request (WebSocket, h2c) is proxied as a plain request with Upgrade
             # removed; bytes after it are not HTTP/1.1 we can trust, so the connection closes.
-            if self.receiving is not None:
-                self.receiving.keep_alive = False
-                self.on_message_complete()
             self.pause_reading()
         except httptools.HttpParserError as exc:
             self.refuse(400, f"{MSG_BAD_REQUEST}: {exc}")
@@ -206,9 +203,14 @@ class ClientProtocol(asyncio.Protocol):
     # --- timers ----------------------------------------------------------------------------
     def _arm_timer(self, kind: str, seconds: float) -> None:
         self._timer_kind = kind
-        self._timer_deadline = self.loop.time() + seconds
-        if self._timer is None:
-            self._timer = self.loop.call_at(self._timer_deadline, self._on_timer)
+        self._timer_deadline = deadline = self.loop.time() + seconds
+        timer = self._timer
+        if timer is not None and timer.when() > deadline:
+            # Only ever pushed later lazily; an earlier deadline needs a new timer.
+            timer.cancel()
+            timer = None
+        if timer is None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
 
     def _disarm_timer(self) -> None:
         self._timer_kind = ""
@@ -267,7 +269,9 @@ class ClientProtocol(asyncio.Protocol):
         ctx.conn = self
         ctx.method = parser.get_method().decode("ascii")
         ctx.http_version = parser.get_http_version()
-        ctx.keep_alive = bool(parser.should_keep_alive())
+        # After an Upgrade request the bytes that follow are another protocol: serve it as a
+        # plain request (Upgrade is hop-by-hop and never forwarded), then close.
+        ctx.keep_alive = bool(parser.should_keep_alive()) and not parser.should_upgrade()
         ctx.headers = headers = self._headers
         ctx.client_ip = self.client_ip
         ctx.client_port = self.client_port

@@ -1,0 +1,1 @@
+"""Kong's `correlation-id` plugin: a unique ID per request, sent upstream and optionally back."""

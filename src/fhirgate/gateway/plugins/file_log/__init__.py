@@ -1,0 +1,1 @@
+"""Kong's `file-log` plugin."""

@@ -1,0 +1,1 @@
+"""Kong's `ip-restriction` plugin: allow or deny clients by IP address or CIDR range."""

@@ -1,0 +1,1 @@
+"""Kong's `rate-limiting` plugin."""
