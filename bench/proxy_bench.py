@@ -949,8 +949,8 @@ def bench(
             t.proc = procs.start(t.key, t.command, gw_dir / f"{t.key}.log", cwd=gw_dir, env=gateway_env())
             if (why := wait_ready(t.proc, t.port)) is not None:
                 tail = t.proc.log_tail()
-                last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
-                t.skipped = f"{why}: {last}" if last else why
+                said = " | ".join(line.strip() for line in tail.splitlines()[-6:] if line.strip())
+                t.skipped = f"{why}: {said}" if said else why
                 t.checks["log_tail"] = tail
                 loud(f"{t.label} SKIPPED: {why}\n{tail}")
                 procs.stop(t.proc)

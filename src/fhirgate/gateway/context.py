@@ -30,6 +30,7 @@ class RequestContext:
         "body_buffer",
         "body_buffered_size",
         "body_complete",
+        "body_error",
         "body_sink",
         "buffer_response",
         "chunked",
@@ -81,6 +82,7 @@ class RequestContext:
         self.body_buffer: list[bytes] = []
         self.body_buffered_size = 0
         self.body_complete = False
+        self.body_error: Exception | None = None
         self.body_sink: Callable[[bytes], None] | None = None
         self.buffer_response = False
         self.chunked = False
@@ -172,6 +174,8 @@ class RequestContext:
         if self.expect_continue and self.conn is not None:
             self.conn.send_continue(self)
         while not self.body_complete:
+            if self.body_error is not None:
+                raise self.body_error
             if limit is not None and self.body_buffered_size > limit:
                 raise BodyTooLarge(self.body_buffered_size)
             if self.conn is not None:

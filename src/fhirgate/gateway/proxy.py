@@ -22,7 +22,6 @@ from fhirgate import __version__, clock
 from fhirgate.errors import (
     MSG_BAD_GATEWAY,
     MSG_NO_ROUTE,
-    MSG_REQUEST_TIMEOUT,
     MSG_TIMEOUT,
     MSG_UNEXPECTED,
     GatewayExit,
@@ -438,6 +437,8 @@ class Gateway:
                         chain = await self._access(ctx, pipeline, chain)
                 if service is None:
                     raise GatewayExit(503, {"message": "no Service found with those values"})
+                if ctx.body_error is not None:
+                    raise ctx.body_error
                 await self._proxy(ctx, state, chain, client)
             except GatewayExit as exc:
                 await self._respond_exit(ctx, exc, chain, client)
@@ -584,6 +585,9 @@ class Gateway:
             if client._closing:
                 self.pool.release(conn)
                 raise _ClientGone()
+            if ctx.body_error is not None:
+                self.pool.release(conn)
+                raise ctx.body_error
             ctx.tries.append({"ip": target.key[1], "port": target.key[2]})
             exchange = Exchange(self, ctx, client, conn, target)
             self.exchanges[ctx] = exchange
@@ -782,29 +786,29 @@ class Gateway:
             exchange.last_activity = exchange.loop.time()
             exchange.upstream.resume_reading()
 
-    def client_body_timeout(self, ctx: RequestContext) -> None:
-        """The client stopped sending its body: free the upstream, answer 408 if we still can."""
-        timeout = GatewayExit(408, {"message": MSG_REQUEST_TIMEOUT})
+    def abort_request_body(self, ctx: RequestContext, refusal: GatewayExit) -> None:
+        """The client's body stopped (timeout) or broke (bad chunk): free the upstream connection
+        and answer `refusal` if no response has started; the connection then closes."""
+        timeout = refusal
         ctx.keep_alive = False
         exchange = self.exchanges.get(ctx)
         if exchange is not None and not exchange.complete:
             if exchange.head is None:
                 exchange.error = timeout
-                exchange._stop_timer()  # noqa: SLF001
+                exchange._stop_timer()
                 exchange.upstream.abandon()
-                exchange._wake()  # noqa: SLF001
+                exchange._wake()
                 return
             # The upstream already answered: cut everything.
             exchange.upstream.abandon()
             if ctx.conn is not None:
                 ctx.conn.abort()
             return
-        waiter = ctx._body_waiter  # noqa: SLF001
+        # Not yet proxying (plugins running, or connecting): the request stops at its next step.
+        ctx.body_error = timeout
+        waiter = ctx._body_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(timeout)
-            return
-        if ctx.conn is not None and ctx.response_status == 0:
-            ctx.conn.abort()
 
     # --- gateway-made responses ------------------------------------------------------------
     def _response_head(

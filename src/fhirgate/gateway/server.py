@@ -30,6 +30,7 @@ from fhirgate.errors import (
     MSG_NOT_IMPLEMENTED,
     MSG_REQUEST_TIMEOUT,
     MSG_URI_TOO_LONG,
+    GatewayExit,
 )
 from fhirgate.gateway.context import RequestContext
 
@@ -232,11 +233,7 @@ class ClientProtocol(asyncio.Protocol):
             else:
                 self.close()
         elif kind == "body":
-            current = self.current
-            if current is not None and self.receiving is current:
-                self.gateway.client_body_timeout(current)
-            else:
-                self.refuse(408, MSG_REQUEST_TIMEOUT)
+            self.refuse(408, MSG_REQUEST_TIMEOUT)
 
     # --- parser callbacks ------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -418,9 +415,16 @@ class ClientProtocol(asyncio.Protocol):
         if self._closing:
             return
         self.pause_reading()
-        if self.current is not None:
+        current = self.current
+        if current is not None and self.receiving is current:
+            # The body of the request being served broke: stop it, free its upstream.
+            self.receiving = None
+            self.queue.clear()
+            self.gateway.abort_request_body(current, GatewayExit(status, {"message": message}))
+            return
+        if current is not None:
             # A response is in flight for an earlier request: it cannot be interleaved.
-            self.current.keep_alive = False
+            current.keep_alive = False
             self.queue.clear()
             self.receiving = None
             return

@@ -53,10 +53,10 @@ class Plugin:
         self.config = config
         self.instance_id = instance_id
 
-    def init_worker(self) -> None:  # noqa: B027 - optional hook
+    def init_worker(self) -> None:
         """Called once per worker process after the event loop starts."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Called when the configuration that holds this instance is replaced or on shutdown."""
 
     @classmethod
@@ -81,4 +81,4 @@ def phase_hook(plugin: Plugin, phase: str) -> Any:
     return getattr(plugin, phase, None)
 
 
-__all__ = ["PHASES", "PDK", "Plugin", "PluginConfig", "phase_hook"]
+__all__ = ["PDK", "PHASES", "Plugin", "PluginConfig", "phase_hook"]

@@ -88,9 +88,6 @@ class Handler(Plugin):
         self._generate = GENERATE[config.generator]
         self._header = config.header_name
         self._echo = config.echo_downstream
-        if not self._echo:
-            # No response work at all: keep the plugin out of the header-filter chain.
-            self.header_filter = None
 
     def access(self, kong: PDK) -> None:
         value = kong.request.get_header(self._header)
@@ -100,7 +97,7 @@ class Handler(Plugin):
         if self._echo:
             kong.ctx.plugin[_CTX_KEY] = value
 
-    def header_filter(self, kong: PDK) -> None:  # type: ignore[misc]
+    def header_filter(self, kong: PDK) -> None:
         value = kong.ctx.plugin.get(_CTX_KEY)
         if value is not None:
             kong.response.set_header(self._header, value)

@@ -17,7 +17,7 @@ _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # RFC 9110 5.1 token
 
 def _header_name(value: str) -> str:
     if not _HEADER_NAME.fullmatch(value):
-        raise ValueError(f"bad header name '{value}': must be an HTTP token (letters, digits and !#$%&'*+.^_`|~-)")
+        raise ValueError(f"bad header name '{value}': must be an HTTP token (RFC 9110 5.1)")
     return value
 
 

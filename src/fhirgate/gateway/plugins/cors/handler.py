@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from fhirgate.gateway.plugins.base import Plugin, PluginConfig
 from fhirgate.gateway.plugins.cors.schema import CorsConfig, compile_origin_regex
