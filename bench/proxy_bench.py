@@ -1144,7 +1144,7 @@ def build_report(
         gw = summaries.get(key)
         target = next(t for t in targets if t.key == key)
         if gw is None or base is None:
-            bars.append({"bar": label, "result": "SKIPPED", "why": (target.skipped or "no baseline")[:300]})
+            bars.append({"bar": label, "result": "SKIPPED", "why": target.skipped or "no baseline"})
             continue
         ratio = gw["rps_ratio_to_nginx"] if metric == "rps" else gw["p99_ratio_to_nginx"]
         ok = ratio >= factor if op == ">=" else ratio <= factor

@@ -12,7 +12,7 @@ import pytest
 
 from fhirgate.config import load_config_dict
 from fhirgate.errors import ConfigError
-from tests.harness import Upstream, running_gateway, service_config
+from tests.harness import Reply, Upstream, running_gateway, service_config
 
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 
@@ -64,11 +64,12 @@ def test_uuid_counter_ids_share_the_worker_uuid_and_count_up(upstream: Upstream)
         first = httpx.get(gw.url + "/")
         httpx.get(gw.url + "/")
     ids = [r.header("kong-request-id") for r in upstream.requests]
-    matches = [re.fullmatch(f"({UUID})#([0-9]+)", i or "") for i in ids]
-    assert all(matches), ids
-    assert matches[0] and matches[1]
-    assert matches[0].group(1) == matches[1].group(1)
-    assert int(matches[1].group(2)) == int(matches[0].group(2)) + 1
+    first_id = re.fullmatch(f"({UUID})#([0-9]+)", ids[0] or "")
+    second_id = re.fullmatch(f"({UUID})#([0-9]+)", ids[1] or "")
+    assert first_id, ids
+    assert second_id, ids
+    assert first_id.group(1) == second_id.group(1)
+    assert int(second_id.group(2)) == int(first_id.group(2)) + 1
     # Not echoed by default.
     assert "kong-request-id" not in first.headers
 
@@ -128,8 +129,6 @@ def test_echo_downstream_marks_refusals_by_later_plugins_too(upstream: Upstream)
 
 
 def test_echo_downstream_replaces_an_upstream_value(upstream: Upstream) -> None:
-    from tests.harness import Reply
-
     upstream.handler = lambda req: Reply(headers=[("Kong-Request-ID", "from-upstream")], body=b"ok")
     cfg = with_correlation_id(upstream.url, echo_downstream=True)
     with running_gateway(cfg) as gw:

@@ -32,9 +32,7 @@ def config_issues(plugin_config: dict[str, Any]) -> list[str]:
     return [str(issue) for issue in info.value.issues]
 
 
-def assert_refused(
-    resp: httpx.Response, upstream: Upstream, message: str, status: int = 403
-) -> None:
+def assert_refused(resp: httpx.Response, upstream: Upstream, message: str, status: int = 403) -> None:
     assert resp.status_code == status
     assert resp.json() == {"message": message}
     assert resp.headers["content-type"] == "application/json; charset=utf-8"
@@ -46,7 +44,10 @@ def assert_refused(
 
 def test_schema_defaults_leave_status_and_message_unset() -> None:
     cfg = load_config_dict(
-        {"_format_version": "3.0", "plugins": [{"name": "ip-restriction", "config": {"allow": ["10.0.0.0/8"]}}]}
+        {
+            "_format_version": "3.0",
+            "plugins": [{"name": "ip-restriction", "config": {"allow": ["10.0.0.0/8"]}}],
+        }
     )
     assert cfg.plugins[0].config.model_dump() == {
         "allow": ["10.0.0.0/8"],

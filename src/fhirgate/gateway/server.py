@@ -57,6 +57,7 @@ class ClientProtocol(asyncio.Protocol):
     __slots__ = (
         "_body_paused",
         "_closing",
+        "_eof",
         "_header_bytes",
         "_headers",
         "_paused",
@@ -97,6 +98,7 @@ class ClientProtocol(asyncio.Protocol):
         self._write_paused = False
         self.write_waiters: list[asyncio.Future[None]] = []
         self._closing = False
+        self._eof = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline = 0.0
         self._timer_kind = ""
@@ -159,9 +161,11 @@ class ClientProtocol(asyncio.Protocol):
             self.refuse(400, f"{MSG_BAD_REQUEST}: {exc}")
 
     def eof_received(self) -> bool | None:
-        # Half-close from the client: finish what is in flight, then close.
-        if self.current is None and not self.queue:
+        # The client half-closed. Mid-body, that's an aborted request: close now, which frees
+        # its upstream connection. Otherwise finish the responses in flight, then close.
+        if self.receiving is not None or (self.current is None and not self.queue):
             return None
+        self._eof = True
         return True
 
     # --- flow control ----------------------------------------------------------------------
@@ -380,8 +384,11 @@ class ClientProtocol(asyncio.Protocol):
             return
         if self.queue:
             self._start(self.queue.popleft())
-            if self.receiving is None or self.receiving is self.current:
+            if not self._eof and (self.receiving is None or self.receiving is self.current):
                 self.resume_reading()
+            return
+        if self._eof:
+            self.close()
             return
         self.resume_reading()
         if self.receiving is None:
