@@ -502,6 +502,9 @@ def nginx_upstream_conf(d: Path, www: Path, port: int) -> str:
         "    server {\n"
         f"        listen 127.0.0.1:{port};\n"
         f"        root {www};\n"
+        "        # evidence that correlation-id ran (it sets the header towards the upstream only):\n"
+        "        # echoed back when present, absent otherwise (an empty add_header value is not sent)\n"
+        "        add_header X-Echo-Kong-Request-Id $http_kong_request_id;\n"
         "        location /fhir/ {\n"
         "            try_files /patient.json =404;\n"
         "        }\n"
@@ -1075,7 +1078,9 @@ def plugin_evidence(t: Target, access_log: Path, status_port: int) -> None:
         hdrs = {k.lower(): v for k, v in resp.getheaders()}
         conn.close()
         ev["cors_header"] = hdrs.get("access-control-allow-origin")
-        ev["correlation_id_header"] = hdrs.get("kong-request-id")
+        # Kong's default (echo_downstream false) sets the header towards the upstream only; the
+        # upstream echoes what it received
+        ev["correlation_id_header"] = hdrs.get("kong-request-id") or hdrs.get("x-echo-kong-request-id")
         ev["rate_limit_headers"] = {k: v for k, v in hdrs.items() if "ratelimit" in k}
     except OSError as exc:
         ev["request_error"] = str(exc)
@@ -1089,7 +1094,7 @@ def plugin_evidence(t: Target, access_log: Path, status_port: int) -> None:
         status, _, metrics = http_get(status_port, "/metrics")
         ev["metrics_status"] = status
         ev["metrics_sample"] = [
-            line for line in metrics.decode(errors="replace").splitlines() if line.startswith("kong_http_")
+            line for line in metrics.decode(errors="replace").splitlines() if line.startswith("kong_")
         ][:5]
     except OSError as exc:
         ev["metrics_error"] = str(exc)

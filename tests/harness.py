@@ -12,6 +12,7 @@ import contextlib
 import json
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -72,11 +73,23 @@ class _Server(socketserver.ThreadingTCPServer):
 
 
 class Upstream:
-    """A recording HTTP/1.1 server on 127.0.0.1."""
+    """A recording HTTP/1.1 server on 127.0.0.1.
 
-    def __init__(self) -> None:
+    With `ssl_context` (a server-side context holding the certificate), connections are served over
+    TLS and `url` is `https://localhost:PORT`. The context's `sni_callback` is replaced: the server
+    name each client sent (None without SNI) is appended to `sni_names`; `tls_failures` counts
+    handshakes that failed (e.g. the client refused the certificate).
+    """
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self.requests: list[Recorded] = []
         self.connections = 0
+        self.ssl_context = ssl_context
+        self.sni_names: list[str | None] = []
+        self.tls_failures = 0
+        self._sni = threading.local()
+        if ssl_context is not None:
+            ssl_context.sni_callback = self._on_sni
         self.handler: Handler = lambda req: Reply(
             body=json.dumps({"path": req.target, "method": req.method}).encode()
         )
@@ -95,7 +108,12 @@ class Upstream:
 
     @property
     def url(self) -> str:
+        if self.ssl_context is not None:
+            return f"https://localhost:{self.port}"
         return f"http://127.0.0.1:{self.port}"
+
+    def _on_sni(self, _sock: Any, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        self._sni.name = server_name  # runs in the connection's thread, during its handshake
 
     def _serve(self, sock: socket.socket) -> None:
         with self._lock:
@@ -104,6 +122,16 @@ class Upstream:
         conn = h11.Connection(h11.SERVER)
         sock.settimeout(30)
         try:
+            if self.ssl_context is not None:
+                self._sni.name = None
+                try:
+                    sock = self.ssl_context.wrap_socket(sock, server_side=True)
+                except (OSError, ssl.SSLError):
+                    with self._lock:
+                        self.tls_failures += 1
+                    raise
+                with self._lock:
+                    self.sni_names.append(self._sni.name)
             while True:
                 req: h11.Request | None = None
                 body = b""

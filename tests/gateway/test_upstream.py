@@ -118,7 +118,7 @@ def test_client_disconnect_mid_response_frees_upstream_connection(upstream: Upst
             assert s.recv(100).startswith(b"HTTP/1.1 200")
         assert _wait(lambda: upstream.open_connections == 0)
         assert gw.gateway.pool.idle_count() == 0
-        assert _wait(lambda: not gw.gateway.tasks)
+        assert _wait(lambda: not gw.gateway.active)
 
 
 def test_client_disconnect_mid_body_frees_upstream_connection(upstream: Upstream) -> None:
@@ -127,7 +127,7 @@ def test_client_disconnect_mid_body_frees_upstream_connection(upstream: Upstream
             s.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"a" * 1000)
             assert _wait(lambda: upstream.open_connections == 1)
         assert _wait(lambda: upstream.open_connections == 0)
-        assert _wait(lambda: not gw.gateway.tasks)
+        assert _wait(lambda: not gw.gateway.active)
         assert gw.gateway.pool.idle_count() == 0
     assert upstream.requests == []
 
@@ -185,3 +185,11 @@ def test_gateway_error_keeps_connection_alive(upstream: Upstream) -> None:
             b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\nGET /fhir/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         )
     assert [s for s, _h, _b in parse_responses(out)] == [404, 200]
+
+
+def test_keep_alive_client_survives_a_gateway_refusal(upstream: Upstream) -> None:
+    with running_gateway(service_config(upstream.url, paths=["/fhir"])) as gw, httpx.Client(timeout=3) as c:
+        assert c.get(gw.url + "/nope").status_code == 404
+        assert c.get(gw.url + "/fhir/a").status_code == 200
+        assert c.get(gw.url + "/nope").status_code == 404
+    assert upstream.connections == 1

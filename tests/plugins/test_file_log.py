@@ -46,7 +46,10 @@ def _lines(path: Path, count: int, timeout: float = 5.0) -> list[dict[str, Any]]
 
 def test_defaults_are_kongs(tmp_path: Path) -> None:
     cfg = load_config_dict(
-        {"_format_version": "3.0", "plugins": [{"name": "file-log", "config": {"path": str(tmp_path / "a.log")}}]}
+        {
+            "_format_version": "3.0",
+            "plugins": [{"name": "file-log", "config": {"path": str(tmp_path / "a.log")}}],
+        }
     )
     conf = cfg.plugins[0].config
     assert isinstance(conf, FileLogConfig)
@@ -80,7 +83,10 @@ def test_custom_fields_by_lua_is_refused() -> None:
 
 def test_an_empty_custom_fields_by_lua_is_accepted() -> None:
     cfg = load_config_dict(
-        {"_format_version": "3.0", "plugins": [{"name": "file-log", "config": {"path": "/tmp/x.log", "custom_fields_by_lua": {}}}]}
+        {
+            "_format_version": "3.0",
+            "plugins": [{"name": "file-log", "config": {"path": "/tmp/x.log", "custom_fields_by_lua": {}}}],
+        }
     )
     assert cfg.plugins[0].config.model_dump()["custom_fields_by_lua"] == {}
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from fhirgate.errors import ConfigError
-from fhirgate.gateway.node import Listener, Node, load_or_empty, setup_logging
+from fhirgate.gateway.node import Listener, Node, load_or_empty, server_ssl_context, setup_logging
 from fhirgate.settings import load_settings
 
 
@@ -55,6 +55,17 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if settings.ssl_cert is not None:
+        # Checked here, once, rather than in every worker after the fork.
+        try:
+            server_ssl_context(settings)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            key = f" / ssl_cert_key {settings.ssl_cert_key}" if settings.ssl_cert_key else ""
+            print(
+                f"error: cannot load the TLS certificate (ssl_cert {settings.ssl_cert}{key}): {exc}",
+                file=sys.stderr,
+            )
+            return 1
     setup_logging(settings)
     for issue in config.warnings:
         print(f"warning: {issue}", file=sys.stderr)
@@ -75,4 +86,7 @@ def run(args: argparse.Namespace) -> int:
         return node.run(on_ready=ready)
     except OSError as exc:
         print(f"error: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # a worker failed to start; the reason is in the error log
+        print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -33,6 +33,7 @@ class RequestContext:
         "body_error",
         "body_sink",
         "buffer_response",
+        "chain",
         "chunked",
         "client_ip",
         "client_port",
@@ -42,6 +43,7 @@ class RequestContext:
         "content_length",
         "credential",
         "expect_continue",
+        "finalized",
         "forwarded_ip",
         "headers",
         "host",
@@ -50,6 +52,7 @@ class RequestContext:
         "keep_alive",
         "listener_port",
         "method",
+        "n_tries",
         "path",
         "query",
         "raw_path",
@@ -63,12 +66,14 @@ class RequestContext:
         "scheme",
         "service",
         "shared",
+        "state",
         "t_end",
         "t_start",
         "t_upstream_end_headers",
         "t_upstream_start",
         "tls",
         "tries",
+        "upstream_head",
         "upstream_header_ops",
         "upstream_path",
         "upstream_query",
@@ -85,6 +90,7 @@ class RequestContext:
         self.body_error: Exception | None = None
         self.body_sink: Callable[[bytes], None] | None = None
         self.buffer_response = False
+        self.chain: Any = None
         self.chunked = False
         self.client_ip = ""
         self.client_port = 0
@@ -94,6 +100,7 @@ class RequestContext:
         self.content_length: int | None = None
         self.credential: Any = None
         self.expect_continue = False
+        self.finalized = False
         self.forwarded_ip = ""
         self.headers: list[tuple[bytes, bytes]] = []
         self.host = ""
@@ -102,6 +109,7 @@ class RequestContext:
         self.keep_alive = True
         self.listener_port = 0
         self.method = "GET"
+        self.n_tries = 0
         self.path = "/"
         self.query = ""
         self.raw_path = "/"
@@ -115,12 +123,14 @@ class RequestContext:
         self.scheme = "http"
         self.service: Any = None
         self.shared: dict[str, Any] = {}
+        self.state: Any = None
         self.t_end = 0.0
         self.t_start = 0.0
         self.t_upstream_end_headers = 0.0
         self.t_upstream_start = 0.0
         self.tls = False
         self.tries: list[dict[str, Any]] = []
+        self.upstream_head = b""
         self.upstream_header_ops: dict[str, tuple[str, str | None]] = {}
         self.upstream_path = "/"
         self.upstream_query: str | None = None

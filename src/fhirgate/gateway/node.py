@@ -203,18 +203,60 @@ class WorkerRuntime:
                 conn.close()  # idle keep-alive connection
             elif conn.current is not None:
                 conn.current.keep_alive = False
-        if gateway.tasks:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if gateway.active:
             idle = asyncio.Event()
             gateway.on_idle = idle.set
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(idle.wait(), grace)
+        # Every response is written; the connections that carried them are closing (their last
+        # response said `Connection: close`). Let them flush what is still buffered in user space
+        # (the end of a large body to a slow client) until the grace period ends, then cut the rest.
+        await _poll(lambda: not any(_unflushed(c) for c in gateway.connections), deadline)
         for conn in list(gateway.connections):
             conn.abort()
+        # Idle HTTPS upstream connections end with a TLS close_notify exchange, which needs the
+        # event loop for a moment after close(): wait for it (bounded), then cut what is left, so
+        # no transport outlives the loop (plain TCP connections close at once).
+        tls_upstreams = [
+            c.transport
+            for idle in gateway.pool._idle.values()
+            for c in idle
+            if c.transport is not None and c.key[0] == "https"
+        ]
         gateway.close()
+        if tls_upstreams:
+            # The TLS transport drops its TCP transport (socket) once the connection is lost.
+            await _poll(
+                lambda: all(t.get_extra_info("socket") is None for t in tls_upstreams),
+                loop.time() + min(max(grace, 0.1), 1.0),
+            )
+            for t in tls_upstreams:
+                if t.get_extra_info("socket") is not None:
+                    t.abort()
+            await asyncio.sleep(0)
         if self.status is not None:
             self.status.close()
         if gateway.access_log is not None:
             gateway.access_log.close()
+
+
+_NODE_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+async def _poll(done: Callable[[], bool], deadline: float) -> None:
+    """Wait until `done()` or the loop time `deadline`, checking every few milliseconds."""
+    loop = asyncio.get_running_loop()
+    while not done():
+        if loop.time() >= deadline:
+            return
+        await asyncio.sleep(0.005)
+
+
+def _unflushed(conn: ClientProtocol) -> bool:
+    transport = conn.transport
+    return transport is not None and transport.get_write_buffer_size() > 0
 
 
 def _worker_main(
@@ -237,6 +279,9 @@ def _worker_main(
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, runtime.reload)
+        # The master forked us with these signals blocked: one sent before the handlers above
+        # existed was held, and is delivered now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _NODE_SIGNALS)
         os.write(ready_w, b"1")
         os.close(ready_w)
         await stop.wait()
@@ -259,16 +304,22 @@ class Node:
         self.reserved: list[socket.socket] = []
         self.listeners: list[Listener] = []
         self._stopping = False
-        self._reload = False
 
     def reserve(self) -> None:
         for li in plan_listeners(self.settings):
+            if li.port != 0:
+                # SO_REUSEPORT would let this node share a port another process (another node)
+                # already listens on, silently splitting its traffic: make sure the port is free.
+                _bind(li.host, li.port, reuse_port=False).close()
             sock = _bind(li.host, li.port)
             self.reserved.append(sock)
             self.listeners.append(Listener(li.kind, li.host, sock.getsockname()[1]))
 
     def _spawn(self, index: int) -> int:
         ready_r, ready_w = os.pipe()
+        # Block the node's signals across fork: the worker unblocks them once its own handlers
+        # are installed, so a signal forwarded to it while it starts is held, never fatal.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _NODE_SIGNALS)
         pid = os.fork()
         if pid == 0:  # worker
             os.close(ready_r)
@@ -285,40 +336,72 @@ class Node:
                 code = 1
             finally:
                 os._exit(code)
+        self.workers[pid] = index  # before the wait below: a stop or reload reaches it too
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(ready_w)
         with os.fdopen(ready_r, "rb") as ready:
             ok = ready.read(1) == b"1"
         if not ok:
+            self.workers.pop(pid, None)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
             raise RuntimeError(f"worker {index} failed to start (see the error log)")
-        self.workers[pid] = index
         return pid
 
     def run(self, on_ready: Callable[[list[Listener]], None] | None = None) -> int:
+        """Start the workers and supervise them until SIGTERM/SIGINT. Returns the exit code:
+        0 after a graceful stop, 1 if the workers could not be kept running."""
         self.reserve()
         hooks.run_before_fork(self.settings)
-        for i in range(self.settings.workers):
-            self._spawn(i)
-        if on_ready is not None:
-            on_ready(self.listeners)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
+        try:
+            for i in range(self.settings.workers):
+                if self._stopping:
+                    break
+                self._spawn(i)
+        except RuntimeError:
+            # Never leave the workers already started running without their master.
+            self._stopping = True
+            self._forward(signal.SIGTERM)
+            self._reap_all()
+            self._release()
+            raise
+        if on_ready is not None and not self._stopping:
+            on_ready(self.listeners)
+        code = 0
         while self.workers:
             try:
                 pid, status = os.waitpid(-1, 0)
             except ChildProcessError:
                 break
-            except InterruptedError:
-                continue
             index = self.workers.pop(pid, None)
             if self._stopping or index is None:
                 continue
-            log.error("worker %d (pid %d) exited with status %d; restarting it", index, pid, status)
-            with contextlib.suppress(RuntimeError):
+            log.error("worker %d (pid %d) %s; restarting it", index, pid, _describe_exit(status))
+            try:
                 self._spawn(index)
+            except RuntimeError as exc:
+                log.error("%s", exc)
+                if not self.workers:
+                    log.error("no worker left running; the node stops")
+                    code = 1
+        self._release()
+        return code
+
+    def _reap_all(self) -> None:
+        while self.workers:
+            try:
+                pid, _status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            self.workers.pop(pid, None)
+
+    def _release(self) -> None:
         for sock in self.reserved:
             sock.close()
-        return 0
+        self.reserved.clear()
 
     def _forward(self, sig: int) -> None:
         for pid in list(self.workers):
@@ -343,6 +426,17 @@ class Node:
             return
         self.config = config  # workers restarted later start from it
         self._forward(signal.SIGHUP)
+
+
+def _describe_exit(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown"
+        return f"was killed by signal {-code} ({name})"
+    return f"exited with status {code}"
 
 
 def load_or_empty(path: Path | None) -> GatewayConfig:

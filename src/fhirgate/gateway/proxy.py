@@ -12,11 +12,11 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fhirgate import __version__, clock
 from fhirgate.errors import (
@@ -75,15 +75,16 @@ _FORWARDED = frozenset(
     }
 )
 _NONE: frozenset[bytes] = frozenset()
-_RESP_HOP_BY_HOP = frozenset(
+_RESP_DROP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
     }
 )
 
@@ -149,7 +150,12 @@ class _ClientGone(Exception):
 
 
 class Exchange:
-    """One request/response with an upstream connection; receives the upstream's callbacks."""
+    """One request/response with an upstream connection; receives the upstream's callbacks.
+
+    The common path needs no task and no future: the response head is processed in the parser's
+    callback, body bytes are collected, and everything that arrived in one read is written to the
+    client in one `write` when the upstream connection calls `flush()`.
+    """
 
     __slots__ = (
         "body_chunks",
@@ -164,13 +170,12 @@ class Exchange:
         "keep_alive",
         "last_activity",
         "loop",
-        "streaming",
-        "timeout",
-        "timer",
+        "out",
+        "ready",
+        "reused",
+        "target",
         "upstream",
         "upstream_paused_writing",
-        "waiter",
-        "write_timeout",
     )
 
     def __init__(
@@ -180,62 +185,37 @@ class Exchange:
         client: ClientProtocol,
         upstream: UpstreamConnection,
         target: UpstreamTarget,
+        reused: bool,
     ) -> None:
         self.gateway = gateway
         self.loop = gateway.loop
         self.ctx = ctx
         self.client = client
         self.upstream = upstream
+        self.target = target
+        self.reused = reused
         self.head: tuple[int, list[tuple[bytes, bytes]]] | None = None
         self.keep_alive = False
         self.body_chunks: list[bytes] = []
+        self.out: list[bytes] = []
         self.complete = False
         self.error: BaseException | None = None
-        self.streaming = False
+        self.ready = False  # response head processed: body bytes go straight to `out`
         self.chunked_out = False
         self.filters: list[Step] = []
-        self.waiter: asyncio.Future[None] | None = None
-        self.timeout = target.read_timeout
-        self.write_timeout = target.write_timeout
         self.last_activity = self.loop.time()
         self.upstream_paused_writing = False
-        self.timer: asyncio.TimerHandle | None = self.loop.call_at(
-            self.last_activity + self.timeout, self._on_timer
-        )
 
-    # --- timers ----------------------------------------------------------------------------
-    def _on_timer(self) -> None:
-        self.timer = None
-        if self.complete or self.error is not None:
-            return
-        limit = self.write_timeout if self.upstream_paused_writing else self.timeout
-        deadline = self.last_activity + limit
-        if self.loop.time() < deadline:
-            self.timer = self.loop.call_at(deadline, self._on_timer)
-            return
-        self.on_upstream_error(TimeoutError())
-
-    def _stop_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def wait(self) -> None:
-        self.waiter = self.loop.create_future()
-        await self.waiter
-        self.waiter = None
+    def timed_out(self, now: float) -> bool:
+        limit = self.target.write_timeout if self.upstream_paused_writing else self.target.read_timeout
+        return now - self.last_activity > limit
 
     # --- request body to the upstream ------------------------------------------------------
     def send_body(self, chunk: bytes) -> None:
         self.last_activity = self.loop.time()
         if self.ctx.chunked:
             if chunk:
-                self.upstream.writelines([b"%x\r\n" % len(chunk), chunk, b"\r\n"])
+                self.upstream.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             else:
                 self.upstream.write(b"0\r\n\r\n")
         elif chunk:
@@ -247,44 +227,44 @@ class Exchange:
         self.ctx.t_upstream_end_headers = clock.now()
         self.head = (status, headers)
         self.keep_alive = keep_alive
-        self._wake()
+        self.gateway.on_head(self)
 
     def on_upstream_body(self, chunk: bytes) -> None:
-        self.last_activity = self.loop.time()
-        if self.streaming:
-            self._forward(chunk)
+        if self.ready:
+            self.frame(chunk)
         else:
             self.body_chunks.append(chunk)
 
-    def _forward(self, chunk: bytes) -> None:
+    def frame(self, chunk: bytes) -> None:
         for step in self.filters:
             chunk = step.hook(self.gateway.pdk(self.ctx, step), chunk, False)
             if not chunk:
                 return
         self.ctx.response_size += len(chunk)
         if self.chunked_out:
-            self.client.writelines([b"%x\r\n" % len(chunk), chunk, b"\r\n"])
+            self.out.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
-            self.client.write(chunk)
+            self.out.append(chunk)
+
+    def flush(self) -> None:
+        """End of one read from the upstream: send what it produced in one write."""
+        self.last_activity = self.loop.time()
+        out = self.out
+        if out and self.ready:
+            self.client.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
 
     def on_upstream_complete(self) -> None:
         self.complete = True
-        self._stop_timer()
-        if self.streaming:
-            self.gateway.finish_streamed(self)
-        else:
-            self._wake()
+        if self.ready:
+            self.gateway.finish(self)
 
     def on_upstream_error(self, exc: BaseException) -> None:
         if self.complete or self.error is not None:
             return
         self.error = exc
-        self._stop_timer()
         self.upstream.abandon()
-        if self.streaming:
-            # The head is already out: all we can do is cut the client connection.
-            self.gateway.abort_streamed(self)
-        self._wake()
+        self.gateway.upstream_failed(self)
 
     def on_upstream_pause_writing(self) -> None:
         self.upstream_paused_writing = True
@@ -317,6 +297,7 @@ class Gateway:
         )
         self.connections: set[ClientProtocol] = set()
         self.exchanges: dict[RequestContext, Exchange] = {}
+        self.active: set[RequestContext] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.access_log = access_log
         tokens = {t.lower() for t in settings.headers}
@@ -324,12 +305,14 @@ class Gateway:
         self.latency_tokens = "latency_tokens" in tokens
         self.request_id_header = "request_id" in tokens
         self._via = f"1.1 {SERVER_TOKEN}".encode() if self.server_tokens else b""
+        self._via_resp = b"Via: 1.1 " + SERVER_TOKEN.encode() + b"\r\n" if self.server_tokens else b""
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_ips]
         self._trusted_cache: dict[str, bool] = {}
         self._real_ip_header = settings.real_ip_header.lower()
         self._rid_prefix = os.urandom(8).hex()
         self._rid_counter = 0
         self._date_cache = (0, "")
+        self._sweeper: asyncio.TimerHandle | None = None
         self.requests_total = 0
         self.draining = False
         self.on_idle: Callable[[], None] | None = None
@@ -390,79 +373,105 @@ class Gateway:
                 break
         return dialect.wants_fhir(accept)
 
-    # --- entry point -----------------------------------------------------------------------
-    def handle(self, ctx: RequestContext) -> None:
-        task = self.loop.create_task(self._run(ctx))
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _run(self, ctx: RequestContext) -> None:
+    # --- entry point -----------------------------------------------------------------------
+    def handle(self, ctx: RequestContext) -> None:
+        """A request head has arrived: run it as far as possible without a task."""
         state = self.state
-        chain: Chain | None = None
-        client = ctx.conn
-        assert client is not None
+        ctx.state = state
         self.requests_total += 1
         ctx.request_id = self._new_request_id()
+        self.active.add(ctx)
         try:
             try:
-                try:
-                    ctx.path = normalize_path(ctx.raw_path)
-                except BadPathError as exc:
-                    raise GatewayExit(400, {"message": f"Bad request: {exc}"}) from None
-                if self._trusted and self.is_trusted(ctx.client_ip):
-                    ctx.forwarded_ip = self._real_ip(ctx)
-                else:
-                    ctx.forwarded_ip = ctx.client_ip
-                pipeline = state.pipeline
-                if pipeline.rewrite:
-                    for step in pipeline.rewrite:
-                        res = step.hook(self.pdk(ctx, step))
-                        if step.is_async:
-                            await res
-                match = state.router.match(
-                    ctx.method,
-                    ctx.host,
-                    ctx.path,
-                    ctx.header_map() if state.router_needs_headers else None,
-                    scheme=ctx.scheme,
-                )
-                if match is None:
-                    raise GatewayExit(404, {"message": MSG_NO_ROUTE})
-                ctx.route = route = match.route
-                ctx.service = service = match.service
-                ctx.upstream_path = match.upstream_path
-                if not pipeline.empty:
-                    chain = pipeline.chain(route.id, service.id if service is not None else None)
-                    if chain.access:
-                        chain = await self._access(ctx, pipeline, chain)
-                if service is None:
-                    raise GatewayExit(503, {"message": "no Service found with those values"})
-                if ctx.body_error is not None:
-                    raise ctx.body_error
-                await self._proxy(ctx, state, chain, client)
-            except GatewayExit as exc:
-                await self._respond_exit(ctx, exc, chain, client)
-        except _ClientGone:
-            pass
-        except asyncio.CancelledError:
-            client.abort()
-            raise
-        except Exception:
-            log.exception("unexpected error handling %s %s", ctx.method, ctx.raw_path)
-            if ctx.response_status == 0:
-                try:
-                    await self._respond_exit(ctx, GatewayExit(500, {"message": MSG_UNEXPECTED}), None, client)
-                except Exception:
-                    client.abort()
+                ctx.path = normalize_path(ctx.raw_path)
+            except BadPathError as exc:
+                raise GatewayExit(400, {"message": f"Bad request: {exc}"}) from None
+            if self._trusted and self.is_trusted(ctx.client_ip):
+                ctx.forwarded_ip = self._real_ip(ctx)
             else:
-                client.abort()
-        finally:
-            self.exchanges.pop(ctx, None)
-            ctx.t_end = clock.now()
-            if (chain is not None and chain.log) or self.access_log is not None:
-                self.loop.call_soon(self._log_phase, ctx, chain)
-            if self.draining and not self.tasks - {asyncio.current_task()} and self.on_idle is not None:
-                self.loop.call_soon(self.on_idle)
+                ctx.forwarded_ip = ctx.client_ip
+            pipeline = state.pipeline
+            if pipeline.rewrite:
+                if any(step.is_async for step in pipeline.rewrite):
+                    self._spawn(self._handle_async(ctx, rewrite=True))
+                    return
+                for step in pipeline.rewrite:
+                    step.hook(self.pdk(ctx, step))
+            chain = self._route(ctx, state)
+            if chain is not None and chain.access:
+                if chain.access_async:
+                    self._spawn(self._handle_async(ctx, rewrite=False))
+                    return
+                self._access_sync(ctx, pipeline, chain)
+            self._forward(ctx)
+        except GatewayExit as exc:
+            self._exit(ctx, exc)
+        except _NeedsAsync as more:
+            self._spawn(self._continue_async(ctx, more.steps))
+        except _ClientGone:
+            self._finalize(ctx)
+        except Exception:
+            self._crash(ctx)
+
+    async def _continue_async(self, ctx: RequestContext, steps: list[Step]) -> None:
+        """The consumer's chain brought async access hooks: finish the access phase in a task."""
+        try:
+            for step in steps:
+                res = step.hook(self.pdk(ctx, step))
+                if step.is_async:
+                    await res
+            self._forward(ctx)
+        except GatewayExit as exc:
+            self._exit(ctx, exc)
+        except _ClientGone:
+            self._finalize(ctx)
+        except Exception:
+            self._crash(ctx)
+
+    async def _handle_async(self, ctx: RequestContext, rewrite: bool) -> None:
+        """The same steps as `handle`, for configurations with async rewrite/access hooks."""
+        state = ctx.state
+        try:
+            if rewrite:
+                for step in state.pipeline.rewrite:
+                    res = step.hook(self.pdk(ctx, step))
+                    if step.is_async:
+                        await res
+                self._route(ctx, state)
+            chain = ctx.chain
+            if chain is not None and chain.access:
+                await self._access_async(ctx, state.pipeline, chain)
+            self._forward(ctx)
+        except GatewayExit as exc:
+            self._exit(ctx, exc)
+        except _ClientGone:
+            self._finalize(ctx)
+        except Exception:
+            self._crash(ctx)
+
+    def _route(self, ctx: RequestContext, state: GatewayState) -> Chain | None:
+        match = state.router.match(
+            ctx.method,
+            ctx.host,
+            ctx.path,
+            ctx.header_map() if state.router_needs_headers else None,
+            scheme=ctx.scheme,
+        )
+        if match is None:
+            raise GatewayExit(404, {"message": MSG_NO_ROUTE})
+        ctx.route = route = match.route
+        ctx.service = service = match.service
+        ctx.upstream_path = match.upstream_path
+        if state.pipeline.empty:
+            return None
+        chain = state.pipeline.chain(route.id, service.id if service is not None else None)
+        ctx.chain = chain
+        return chain
 
     def _real_ip(self, ctx: RequestContext) -> str:
         values = ctx.header_map().get(self._real_ip_header)
@@ -471,12 +480,41 @@ class Gateway:
         value = values[-1]
         if self._real_ip_header == "x-forwarded-for":
             value = value.rsplit(",", 1)[-1]
-        return value.strip() or ctx.client_ip
+        value = value.strip()
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            return ctx.client_ip  # not an address: ignored, as nginx's realip module does
+        return value
 
-    async def _access(self, ctx: RequestContext, pipeline: Pipeline, chain: Chain) -> Chain:
+    # --- access phase ----------------------------------------------------------------------
+    def _rescope(self, ctx: RequestContext, pipeline: Pipeline, done_priority: int) -> list[Step]:
+        """After authentication set a consumer: the consumer's chain, from where we are."""
+        route, service = ctx.route, ctx.service
+        chain = pipeline.chain(
+            route.id, service.id if service is not None else None, getattr(ctx.consumer, "id", None)
+        )
+        ctx.chain = chain
+        return [s for s in chain.access if s.priority < done_priority]
+
+    def _access_sync(self, ctx: RequestContext, pipeline: Pipeline, chain: Chain) -> None:
         steps = chain.access
-        i = 0
         consumer = None
+        i = 0
+        while i < len(steps):
+            step = steps[i]
+            step.hook(self.pdk(ctx, step))
+            i += 1
+            if ctx.consumer is not consumer and pipeline.has_consumer_scoped:
+                consumer = ctx.consumer
+                steps, i = self._rescope(ctx, pipeline, step.priority), 0
+                if any(s.is_async for s in steps):
+                    raise _NeedsAsync(steps)
+
+    async def _access_async(self, ctx: RequestContext, pipeline: Pipeline, chain: Chain) -> None:
+        steps = chain.access
+        consumer = None
+        i = 0
         while i < len(steps):
             step = steps[i]
             res = step.hook(self.pdk(ctx, step))
@@ -485,17 +523,7 @@ class Gateway:
             i += 1
             if ctx.consumer is not consumer and pipeline.has_consumer_scoped:
                 consumer = ctx.consumer
-                route, service = ctx.route, ctx.service
-                chain = pipeline.chain(
-                    route.id,
-                    service.id if service is not None else None,
-                    getattr(consumer, "id", None),
-                )
-                # Continue with the plugins of lower priority in the consumer's chain.
-                done = step.priority
-                steps = [s for s in chain.access if s.priority < done]
-                i = 0
-        return chain
+                steps, i = self._rescope(ctx, pipeline, step.priority), 0
 
     # --- proxying --------------------------------------------------------------------------
     def _request_head(self, ctx: RequestContext, target: UpstreamTarget) -> bytes:
@@ -531,20 +559,21 @@ class Gateway:
                 out += (op_name.encode("latin-1"), b": ", op_value.encode("latin-1"), b"\r\n")
         client_ip = ctx.client_ip.encode()
         xff = fwd.get(b"x-forwarded-for")
-        out += (b"X-Real-IP: ", ctx.forwarded_ip.encode(), b"\r\n")
-        out += (b"X-Forwarded-For: ", (xff + b", " + client_ip) if xff else client_ip, b"\r\n")
-        out += (b"X-Forwarded-Proto: ", fwd.get(b"x-forwarded-proto") or ctx.scheme.encode(), b"\r\n")
         out += (
-            b"X-Forwarded-Host: ",
+            b"X-Real-IP: ",
+            ctx.forwarded_ip.encode(),
+            b"\r\nX-Forwarded-For: ",
+            (xff + b", " + client_ip) if xff else client_ip,
+            b"\r\nX-Forwarded-Proto: ",
+            fwd.get(b"x-forwarded-proto") or ctx.scheme.encode(),
+            b"\r\nX-Forwarded-Host: ",
             fwd.get(b"x-forwarded-host") or ctx.host_name.encode("latin-1"),
-            b"\r\n",
-        )
-        out += (
-            b"X-Forwarded-Port: ",
+            b"\r\nX-Forwarded-Port: ",
             fwd.get(b"x-forwarded-port") or str(ctx.listener_port).encode(),
+            b"\r\nX-Forwarded-Path: ",
+            fwd.get(b"x-forwarded-path") or ctx.path.encode("latin-1"),
             b"\r\n",
         )
-        out += (b"X-Forwarded-Path: ", fwd.get(b"x-forwarded-path") or ctx.path.encode("latin-1"), b"\r\n")
         prefix = fwd.get(b"x-forwarded-prefix")
         if prefix:
             out += (b"X-Forwarded-Prefix: ", prefix, b"\r\n")
@@ -557,210 +586,298 @@ class Gateway:
         out.append(b"\r\n")
         return b"".join(out)
 
-    async def _proxy(
-        self, ctx: RequestContext, state: GatewayState, chain: Chain | None, client: ClientProtocol
-    ) -> None:
+    def _forward(self, ctx: RequestContext) -> None:
+        client = ctx.conn
+        assert client is not None
+        if client.closing:
+            raise _ClientGone()
         service = ctx.service
-        target = state.targets[service.id]
-        head = self._request_head(ctx, target)
-        tries = 0
-        while True:
-            tries += 1
-            conn = self.pool.take_idle(target.key)
-            reused = conn is not None
-            if conn is None:
+        if service is None:
+            raise GatewayExit(503, {"message": "no Service found with those values"})
+        if ctx.body_error is not None:
+            raise ctx.body_error
+        target = ctx.state.targets[service.id]
+        ctx.upstream_head = self._request_head(ctx, target)
+        self._attempt(ctx, target)
+
+    def _attempt(self, ctx: RequestContext, target: UpstreamTarget) -> None:
+        ctx.n_tries += 1
+        conn = self.pool.take_idle(target.key)
+        if conn is None:
+            self._spawn(self._connect(ctx, target))
+        else:
+            self._send(ctx, target, conn, reused=True)
+
+    async def _connect(self, ctx: RequestContext, target: UpstreamTarget) -> None:
+        client = ctx.conn
+        assert client is not None
+        try:
+            while True:
                 try:
                     conn = await self.pool.connect(target.key, connect_timeout=target.connect_timeout)
+                    break
                 except (TimeoutError, OSError) as exc:
-                    timeout = isinstance(exc, TimeoutError)
-                    ctx.tries.append({"balancer_latency": 0, "ip": target.key[1], "port": target.key[2]})
-                    if client._closing:
+                    ctx.tries.append({"ip": target.key[1], "port": target.key[2], "error": str(exc)})
+                    if client.closing:
                         raise _ClientGone() from None
-                    if tries <= target.retries:
+                    if ctx.n_tries <= target.retries:
+                        ctx.n_tries += 1
                         continue
-                    log.error("upstream %s:%s: %s", target.key[1], target.key[2], exc or type(exc).__name__)
-                    if timeout:
+                    log.error(
+                        "upstream %s:%s: %s", target.key[1], target.key[2], exc or type(exc).__name__
+                    )
+                    if isinstance(exc, TimeoutError):
                         raise GatewayExit(504, {"message": MSG_TIMEOUT}) from None
                     raise GatewayExit(502, {"message": MSG_BAD_GATEWAY}) from None
-            if client._closing:
+            if client.closing:
                 self.pool.release(conn)
                 raise _ClientGone()
             if ctx.body_error is not None:
                 self.pool.release(conn)
                 raise ctx.body_error
-            ctx.tries.append({"ip": target.key[1], "port": target.key[2]})
-            exchange = Exchange(self, ctx, client, conn, target)
-            self.exchanges[ctx] = exchange
-            conn.begin(exchange, head_only=ctx.method == "HEAD")
-            if not ctx.t_upstream_start:
-                ctx.t_upstream_start = clock.now()
-            replayable = ctx.body_complete
-            if ctx.body_complete:
-                body = ctx.body_buffer
-                if ctx.chunked:
-                    framed = [head]
-                    for chunk in body:
-                        framed += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
-                    framed.append(b"0\r\n\r\n")
-                    conn.writelines(framed)
-                elif body:
-                    conn.writelines([head, *body])
-                else:
-                    conn.write(head)
-            else:
-                chunks = ctx.take_buffered_body()
-                if ctx.chunked:
-                    framed = [head]
-                    for chunk in chunks:
-                        framed += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
-                    conn.writelines(framed)
-                else:
-                    conn.writelines([head, *chunks])
-                ctx.body_sink = exchange.send_body
-                if ctx.expect_continue:
-                    client.send_continue(ctx)
-                else:
-                    client.resume_body()
-            if exchange.head is None and exchange.error is None:
-                await exchange.wait()
-            if exchange.head is None:
-                err = exchange.error
-                if isinstance(err, (_ClientGone, GatewayExit)):
-                    raise err
-                if (
-                    reused
-                    and replayable
-                    and not conn.got_bytes
-                    and isinstance(err, UpstreamResponseError)
-                    and tries <= target.retries + 1
-                ):
-                    # A pooled connection the upstream had closed (keep-alive race): retry.
-                    self.exchanges.pop(ctx, None)
-                    continue
-                if isinstance(err, TimeoutError):
-                    log.error("upstream timed out (%s:%s)", target.key[1], target.key[2])
-                    raise GatewayExit(504, {"message": MSG_TIMEOUT})
-                log.error("upstream error (%s:%s): %s", target.key[1], target.key[2], err)
-                raise GatewayExit(502, {"message": MSG_BAD_GATEWAY})
-            break
-        await self._respond_upstream(ctx, exchange, chain, client)
+            self._send(ctx, target, conn, reused=False)
+        except GatewayExit as exc:
+            self._exit(ctx, exc)
+        except _ClientGone:
+            self._finalize(ctx)
+        except Exception:
+            self._crash(ctx)
 
-    async def _respond_upstream(
-        self, ctx: RequestContext, exchange: Exchange, chain: Chain | None, client: ClientProtocol
-    ) -> None:
+    def _send(self, ctx: RequestContext, target: UpstreamTarget, conn: UpstreamConnection, reused: bool) -> None:
+        client = ctx.conn
+        assert client is not None
+        ctx.tries.append({"ip": target.key[1], "port": target.key[2]})
+        exchange = Exchange(self, ctx, client, conn, target, reused)
+        self.exchanges[ctx] = exchange
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(_SWEEP_INTERVAL, self._sweep)
+        conn.begin(exchange, head_only=ctx.method == "HEAD")
+        if not ctx.t_upstream_start:
+            ctx.t_upstream_start = clock.now()
+        head = ctx.upstream_head
+        if ctx.body_complete:
+            body = ctx.body_buffer
+            if ctx.chunked:
+                framed = [head]
+                for chunk in body:
+                    framed.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                framed.append(b"0\r\n\r\n")
+                conn.write(b"".join(framed))
+            elif body:
+                conn.write(b"".join([head, *body]))
+            else:
+                conn.write(head)
+        else:
+            chunks = ctx.take_buffered_body()
+            if ctx.chunked:
+                conn.write(b"".join([head, *(b"%x\r\n%b\r\n" % (len(c), c) for c in chunks)]))
+            else:
+                conn.write(b"".join([head, *chunks]))
+            ctx.body_sink = exchange.send_body
+            if ctx.expect_continue:
+                client.send_continue(ctx)
+            else:
+                client.resume_body()
+
+    def _sweep(self) -> None:
+        """Upstream read/write timeouts: one timer per worker, not one per request."""
+        self._sweeper = None
+        if not self.exchanges:
+            return
+        now = self.loop.time()
+        for exchange in [e for e in self.exchanges.values() if not e.complete and e.timed_out(now)]:
+            exchange.on_upstream_error(TimeoutError())
+        if self.exchanges:
+            self._sweeper = self.loop.call_later(_SWEEP_INTERVAL, self._sweep)
+
+    def upstream_failed(self, exchange: Exchange) -> None:
+        """The upstream broke (or timed out) during an exchange."""
+        ctx = exchange.ctx
+        err = exchange.error
+        if self.exchanges.get(ctx) is exchange:
+            del self.exchanges[ctx]
+        if isinstance(err, _ClientGone):
+            self._finalize(ctx)
+            return
+        if exchange.ready:
+            # The head is already out: all we can do is cut the client connection.
+            exchange.flush()
+            exchange.client.abort()
+            self._finalize(ctx)
+            return
+        if exchange.head is not None:
+            return  # an async header filter is running; it sees the error
+        if isinstance(err, GatewayExit):
+            self._exit(ctx, err)
+            return
+        target = exchange.target
+        if (
+            exchange.reused
+            and ctx.body_complete
+            and not exchange.upstream.got_bytes
+            and isinstance(err, UpstreamResponseError)
+            and ctx.n_tries <= target.retries + 1
+        ):
+            # A pooled connection the upstream had closed (keep-alive race): retry.
+            self._attempt(ctx, target)
+            return
+        if isinstance(err, TimeoutError):
+            log.error("upstream timed out (%s:%s)", target.key[1], target.key[2])
+            self._exit(ctx, GatewayExit(504, {"message": MSG_TIMEOUT}))
+        else:
+            log.error("upstream error (%s:%s): %s", target.key[1], target.key[2], err)
+            self._exit(ctx, GatewayExit(502, {"message": MSG_BAD_GATEWAY}))
+
+    # --- the response ----------------------------------------------------------------------
+    def on_head(self, exchange: Exchange) -> None:
+        chain = exchange.ctx.chain
+        if chain is not None and chain.any_async_header_filter:
+            self._spawn(self._head_async(exchange))
+            return
+        try:
+            self._process_head(exchange)
+        except Exception:
+            exchange.upstream.abandon()
+            self.exchanges.pop(exchange.ctx, None)
+            self._crash(exchange.ctx)
+
+    async def _head_async(self, exchange: Exchange) -> None:
+        ctx = exchange.ctx
+        try:
+            self._response_headers(ctx, exchange)
+            chain = ctx.chain
+            assert chain is not None
+            await self._header_filter_async(ctx, chain)
+            if exchange.error is not None:
+                exchange.client.abort()
+                self._finalize(ctx)
+                return
+            self._process_head(exchange, headers_done=True)
+            exchange.flush()
+            if exchange.complete:
+                self.finish(exchange)
+        except Exception:
+            exchange.upstream.abandon()
+            self.exchanges.pop(ctx, None)
+            self._crash(ctx)
+
+    def _response_headers(self, ctx: RequestContext, exchange: Exchange) -> None:
+        """Decode the upstream's headers for header_filter plugins (only when some exist)."""
+        assert exchange.head is not None
+        status, raw_headers = exchange.head
+        headers: list[tuple[str, str]] = []
+        for bname, bvalue in _filter_response_headers(raw_headers):
+            headers.append((bname.decode("latin-1"), bvalue.decode("latin-1")))
+        self._add_gateway_headers(ctx, headers)
+        ctx.response_headers = headers
+        ctx.response_status = status
+
+    def _add_gateway_headers(self, ctx: RequestContext, headers: list[tuple[str, str]]) -> None:
+        if self.latency_tokens:
+            up = ctx.t_upstream_start
+            headers.append(("X-Fhirgate-Upstream-Latency", str(int((ctx.t_upstream_end_headers - up) * 1000))))
+            headers.append(("X-Fhirgate-Proxy-Latency", str(int((up - ctx.t_start) * 1000))))
+        if self._via:
+            headers.append(("Via", "1.1 " + SERVER_TOKEN))
+        if self.request_id_header:
+            headers.append(("X-Fhirgate-Request-Id", ctx.request_id))
+
+    def _process_head(self, exchange: Exchange, headers_done: bool = False) -> None:
+        ctx = exchange.ctx
         assert exchange.head is not None
         status, raw_headers = exchange.head
         ctx.upstream_status = status
         ctx.response_status = status
         ctx.response_source = "service"
-        headers: list[tuple[str, str]] = []
-        content_length: str | None = None
-        conn_named: set[str] | None = None
-        for bname, bvalue in raw_headers:
-            name = bname.decode("latin-1")
-            lname = name.lower()
-            if lname in _RESP_HOP_BY_HOP:
-                if lname == "connection":
-                    conn_named = conn_named or set()
-                    conn_named.update(t.strip().lower() for t in bvalue.decode("latin-1").split(","))
-                continue
-            if lname == "content-length":
-                content_length = bvalue.decode("latin-1")
-                continue
-            headers.append((name, bvalue.decode("latin-1")))
-        if conn_named:
-            headers = [(k, v) for k, v in headers if k.lower() not in conn_named]
-        if self.latency_tokens:
-            t0 = ctx.t_start
-            up = ctx.t_upstream_start
-            headers.append(
-                ("X-Fhirgate-Upstream-Latency", str(int((ctx.t_upstream_end_headers - up) * 1000)))
-            )
-            headers.append(("X-Fhirgate-Proxy-Latency", str(int((up - t0) * 1000))))
-        if self._via:
-            headers.append(("Via", "1.1 " + SERVER_TOKEN))
-        if self.request_id_header:
-            headers.append(("X-Fhirgate-Request-Id", ctx.request_id))
-        ctx.response_headers = headers
-        if chain is not None and chain.header_filter:
-            await self._header_filter(ctx, chain)
-            headers = ctx.response_headers
-        no_body = ctx.method == "HEAD" or status in (204, 304) or status < 200
+        chain = ctx.chain
+        content_length: bytes | None = None
+        for name, value in raw_headers:
+            if len(name) == 14 and name.lower() == b"content-length":
+                content_length = value
         filters = chain.body_filter if chain is not None else []
-        framing: bytes
+        no_body = ctx.method == "HEAD" or status in (204, 304) or status < 200
         if no_body:
-            framing = b"Content-Length: " + content_length.encode() + b"\r\n" if content_length else b""
+            framing = b"Content-Length: " + content_length + b"\r\n" if content_length else b""
         elif content_length is not None and not filters:
-            framing = b"Content-Length: " + content_length.encode() + b"\r\n"
+            framing = b"Content-Length: " + content_length + b"\r\n"
         elif ctx.http_version == "1.1":
             framing = b"Transfer-Encoding: chunked\r\n"
             exchange.chunked_out = True
         else:
             framing = b""
-            ctx.keep_alive = False  # HTTP/1.0 close-delimited body
-        head = self._response_head(ctx, status, headers, framing)
+            ctx.keep_alive = False  # HTTP/1.0 client: a close-delimited body
+        if chain is not None and chain.header_filter:
+            if not headers_done:
+                self._response_headers(ctx, exchange)
+                self._header_filter_sync(ctx, chain)
+            head = self._response_head(ctx, ctx.response_status, ctx.response_headers, framing)
+        else:
+            head = self._fast_response_head(ctx, status, raw_headers, framing)
         exchange.filters = filters
-        out = [head]
-        chunks = exchange.body_chunks
+        exchange.ready = True
+        exchange.out.append(head)
+        if not no_body:
+            for chunk in exchange.body_chunks:
+                exchange.frame(chunk)
         exchange.body_chunks = []
-        if chunks and not no_body:
-            for chunk in chunks:
-                for step in filters:
-                    chunk = step.hook(self.pdk(ctx, step), chunk, False)
-                if not chunk:
-                    continue
-                ctx.response_size += len(chunk)
-                if exchange.chunked_out:
-                    out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
-                else:
-                    out.append(chunk)
-        if exchange.complete:
-            out += self._finish_body(ctx, exchange)
-            client.writelines(out)
-            self._done(ctx, exchange, client)
-            return
-        client.writelines(out)
-        if exchange.error is not None:
-            client.abort()
-            return
-        exchange.streaming = True
-        if client.write_paused:
+        if exchange.client.write_paused:
             exchange.upstream.pause_reading()
-        await exchange.wait()
 
-    def _finish_body(self, ctx: RequestContext, exchange: Exchange) -> list[bytes]:
-        tail: list[bytes] = []
+    def _fast_response_head(
+        self, ctx: RequestContext, status: int, raw_headers: list[tuple[bytes, bytes]], framing: bytes
+    ) -> bytes:
+        """The response head straight from the upstream's bytes (no header_filter plugins)."""
+        out = [_STATUS_LINES.get(status) or f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n".encode()]
+        for name, value in _filter_response_headers(raw_headers):
+            out += (name, b": ", value, b"\r\n")
+        if self.latency_tokens:
+            up = ctx.t_upstream_start
+            out.append(
+                b"X-Fhirgate-Upstream-Latency: %d\r\nX-Fhirgate-Proxy-Latency: %d\r\n"
+                % (int((ctx.t_upstream_end_headers - up) * 1000), int((up - ctx.t_start) * 1000))
+            )
+        if self._via_resp:
+            out.append(self._via_resp)
+        if self.request_id_header:
+            out += (b"X-Fhirgate-Request-Id: ", ctx.request_id.encode(), b"\r\n")
+        out.append(framing)
+        if not ctx.keep_alive:
+            out.append(b"Connection: close\r\n")
+        elif ctx.http_version == "1.0":
+            out.append(b"Connection: keep-alive\r\n")
+        out.append(b"\r\n")
+        return b"".join(out)
+
+    def _finish_body(self, ctx: RequestContext, exchange: Exchange) -> None:
         if exchange.filters:
             chunk = b""
             for step in exchange.filters:
                 chunk = step.hook(self.pdk(ctx, step), chunk, True)
             if chunk:
                 ctx.response_size += len(chunk)
-                tail += (b"%x\r\n" % len(chunk), chunk, b"\r\n") if exchange.chunked_out else (chunk,)
+                exchange.out.append(b"%x\r\n%b\r\n" % (len(chunk), chunk) if exchange.chunked_out else chunk)
         if exchange.chunked_out:
-            tail.append(b"0\r\n\r\n")
-        return tail
+            exchange.out.append(b"0\r\n\r\n")
 
-    def _done(self, ctx: RequestContext, exchange: Exchange, client: ClientProtocol) -> None:
+    def finish(self, exchange: Exchange) -> None:
+        """The upstream's response is complete and its head was processed."""
+        ctx = exchange.ctx
+        client = exchange.client
+        try:
+            self._finish_body(ctx, exchange)
+        except Exception:
+            log.exception("body_filter failed")
+            exchange.out.clear()
+            client.abort()
+        exchange.flush()
         conn = exchange.upstream
-        request_complete = ctx.body_complete
-        if exchange.keep_alive and request_complete and exchange.error is None:
+        if exchange.keep_alive and ctx.body_complete and exchange.error is None:
             self.pool.release(conn)
         else:
             conn.abandon()
         ctx.body_sink = None
+        self._finalize(ctx)
         client.request_done(ctx, close=not ctx.keep_alive)
-
-    def finish_streamed(self, exchange: Exchange) -> None:
-        ctx = exchange.ctx
-        tail = self._finish_body(ctx, exchange)
-        if tail:
-            exchange.client.writelines(tail)
-        self._done(ctx, exchange, exchange.client)
-        exchange._wake()
-
-    def abort_streamed(self, exchange: Exchange) -> None:
-        exchange.client.abort()
 
     # --- client events ---------------------------------------------------------------------
     def client_gone(self, ctx: RequestContext) -> None:
@@ -768,16 +885,15 @@ class Gateway:
         exchange = self.exchanges.pop(ctx, None)
         if exchange is not None and not exchange.complete:
             exchange.error = exchange.error or _ClientGone()
-            exchange._stop_timer()
             exchange.upstream.abandon()
-            exchange._wake()
+            self._finalize(ctx)
         waiter = ctx._body_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(_ClientGone())
 
     def client_write_paused(self, ctx: RequestContext) -> None:
         exchange = self.exchanges.get(ctx)
-        if exchange is not None and exchange.streaming:
+        if exchange is not None and exchange.ready:
             exchange.upstream.pause_reading()
 
     def client_write_resumed(self, ctx: RequestContext) -> None:
@@ -789,26 +905,26 @@ class Gateway:
     def abort_request_body(self, ctx: RequestContext, refusal: GatewayExit) -> None:
         """The client's body stopped (timeout) or broke (bad chunk): free the upstream connection
         and answer `refusal` if no response has started; the connection then closes."""
-        timeout = refusal
         ctx.keep_alive = False
         exchange = self.exchanges.get(ctx)
         if exchange is not None and not exchange.complete:
-            if exchange.head is None:
-                exchange.error = timeout
-                exchange._stop_timer()
+            if not exchange.ready and exchange.head is None:
+                exchange.error = refusal
                 exchange.upstream.abandon()
-                exchange._wake()
+                self.upstream_failed(exchange)
                 return
             # The upstream already answered: cut everything.
             exchange.upstream.abandon()
+            self.exchanges.pop(ctx, None)
             if ctx.conn is not None:
                 ctx.conn.abort()
+            self._finalize(ctx)
             return
         # Not yet proxying (plugins running, or connecting): the request stops at its next step.
-        ctx.body_error = timeout
+        ctx.body_error = refusal
         waiter = ctx._body_waiter
         if waiter is not None and not waiter.done():
-            waiter.set_exception(timeout)
+            waiter.set_exception(refusal)
 
     # --- gateway-made responses ------------------------------------------------------------
     def _response_head(
@@ -823,9 +939,10 @@ class Gateway:
             head += b"Connection: keep-alive\r\n"
         return head + b"\r\n"
 
-    async def _respond_exit(
-        self, ctx: RequestContext, exc: GatewayExit, chain: Chain | None, client: ClientProtocol
-    ) -> None:
+    def _exit(self, ctx: RequestContext, exc: GatewayExit) -> None:
+        """Answer with a gateway-made response (a plugin's exit or a gateway error)."""
+        client = ctx.conn
+        assert client is not None
         status, headers, body = dialect.render(exc, self._is_fhir(ctx))
         ctx.response_source = "exit"
         ctx.response_status = status
@@ -836,28 +953,66 @@ class Gateway:
             headers.append(("X-Fhirgate-Request-Id", ctx.request_id))
         if self.latency_tokens:
             headers.append(("X-Fhirgate-Response-Latency", str(int((clock.now() - ctx.t_start) * 1000))))
-        ctx.response_headers = headers
+        # Headers a plugin set before exiting (e.g. CORS) are kept, as in Kong.
+        ctx.response_headers = [*ctx.response_headers, *headers] if ctx.response_headers else headers
+        exchange = self.exchanges.pop(ctx, None)
+        if exchange is not None:
+            exchange.upstream.abandon()
+        chain = ctx.chain
         if chain is not None and chain.header_filter:
+            if chain.any_async_header_filter:
+                self._spawn(self._exit_async(ctx, body))
+                return
             try:
-                await self._header_filter(ctx, chain)
+                self._header_filter_sync(ctx, chain)
             except GatewayExit:
                 pass  # a response is already being produced
-        if not ctx.body_complete and ctx.expect_continue:
-            # The client is waiting to send a body we refuse: never ask for it (RFC 9110 10.1.1).
-            ctx.keep_alive = False
-        elif not ctx.body_complete:
+        self._write_exit(ctx, status, body)
+
+    async def _exit_async(self, ctx: RequestContext, body: bytes) -> None:
+        chain = ctx.chain
+        assert chain is not None
+        try:
+            await self._header_filter_async(ctx, chain)
+        except GatewayExit:
+            pass
+        except Exception:
+            log.exception("header_filter failed")
+        self._write_exit(ctx, ctx.response_status, body)
+
+    def _write_exit(self, ctx: RequestContext, status: int, body: bytes) -> None:
+        client = ctx.conn
+        assert client is not None
+        if not ctx.body_complete:
+            # Never ask for (or wait for) a body we refuse (RFC 9110 10.1.1): close afterwards.
             ctx.keep_alive = False
         no_body = ctx.method == "HEAD" or status in (204, 304)
         framing = b"" if no_body and not body else b"Content-Length: %d\r\n" % len(body)
         head = self._response_head(ctx, status, ctx.response_headers, framing)
         ctx.response_size = 0 if no_body else len(body)
-        client.writelines([head] if no_body else [head, body])
-        exchange = self.exchanges.pop(ctx, None)
-        if exchange is not None:
-            exchange.upstream.abandon()
+        client.write(head if no_body else head + body)
+        self._finalize(ctx)
         client.request_done(ctx, close=not ctx.keep_alive)
 
-    async def _header_filter(self, ctx: RequestContext, chain: Chain) -> None:
+    def _crash(self, ctx: RequestContext) -> None:
+        log.exception("unexpected error handling %s %s", ctx.method, ctx.raw_path)
+        client = ctx.conn
+        if ctx.response_status == 0 and client is not None and not client.closing:
+            try:
+                ctx.chain = None
+                self._exit(ctx, GatewayExit(500, {"message": MSG_UNEXPECTED}))
+                return
+            except Exception:
+                log.exception("could not answer 500")
+        if client is not None:
+            client.abort()
+        self._finalize(ctx)
+
+    def _header_filter_sync(self, ctx: RequestContext, chain: Chain) -> None:
+        for step in chain.header_filter:
+            step.hook(self.pdk(ctx, step))
+
+    async def _header_filter_async(self, ctx: RequestContext, chain: Chain) -> None:
         for step in chain.header_filter:
             res = step.hook(self.pdk(ctx, step))
             if step.is_async:
@@ -868,25 +1023,37 @@ class Gateway:
         ctx = RequestContext()
         ctx.keep_alive = False
         ctx.request_id = self._new_request_id()
-        ctx.headers = list(client._headers)
+        ctx.headers = list(client.pending_headers)
         fhir = self._is_fhir(ctx)
         status, headers, body = dialect.render(GatewayExit(status, {"message": message}), fhir)
         headers.insert(0, ("Date", self._http_date()))
         if self.server_tokens:
             headers.append(("Server", SERVER_TOKEN))
         head = self._response_head(ctx, status, headers, b"Content-Length: %d\r\n" % len(body))
-        client.writelines([head, body])
+        client.write(head + body)
 
-    # --- log phase -------------------------------------------------------------------------
+    # --- end of a request ------------------------------------------------------------------
+    def _finalize(self, ctx: RequestContext) -> None:
+        """Exactly once per request: timings, the log phase (off the client's latency)."""
+        if ctx.finalized:
+            return
+        ctx.finalized = True
+        self.exchanges.pop(ctx, None)
+        ctx.t_end = clock.now()
+        chain = ctx.chain
+        if (chain is not None and chain.log) or self.access_log is not None:
+            self.loop.call_soon(self._log_phase, ctx, chain)
+        self.active.discard(ctx)
+        if self.draining and not self.active and self.on_idle is not None:
+            self.loop.call_soon(self.on_idle)
+
     def _log_phase(self, ctx: RequestContext, chain: Chain | None) -> None:
         if chain is not None:
             for step in chain.log:
                 try:
                     res = step.hook(self.pdk(ctx, step))
                     if step.is_async:
-                        task = self.loop.create_task(res)
-                        self.tasks.add(task)
-                        task.add_done_callback(self.tasks.discard)
+                        self._spawn(res)
                 except Exception:
                     log.exception("plugin %s failed in the log phase", step.spec.name)
         if self.access_log is not None:
@@ -894,8 +1061,37 @@ class Gateway:
 
     # --- lifecycle -------------------------------------------------------------------------
     def in_flight(self) -> int:
-        return len(self.tasks)
+        return len(self.active)
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         self.pool.close()
         self.state.pipeline.close()
+
+
+class _NeedsAsync(Exception):
+    def __init__(self, steps: list[Step]) -> None:
+        self.steps = steps
+
+
+def _filter_response_headers(raw_headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Drop hop-by-hop fields (and those named by Connection) and Content-Length (re-framed)."""
+    conn_named: set[bytes] | None = None
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in raw_headers:
+        lname = name.lower()
+        if lname in _RESP_DROP:
+            if lname == b"connection":
+                conn_named = conn_named or set()
+                conn_named.update(t.strip().lower() for t in value.split(b","))
+            continue
+        out.append((name, value))
+    if conn_named:
+        out = [(k, v) for k, v in out if k.lower() not in conn_named]
+    return out
+
+
+_SWEEP_INTERVAL = 0.05
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}

@@ -363,8 +363,14 @@ class ClientProtocol(asyncio.Protocol):
         if self._timer_kind == "body":
             self._disarm_timer()
         ctx.finish_body()
-        if ctx is not self.current:
-            self.pause_reading()
+        current = self.current
+        if current is not None and ctx is not current:
+            self.pause_reading()  # a pipelined request waits for the one in flight
+        elif current is None and not self.queue:
+            # Answered before its end was parsed (a synchronous refusal): now idle.
+            ka = self.gateway.settings.keepalive_timeout
+            if ka > 0:
+                self._arm_timer("idle", ka / 1000)
 
     # --- requests --------------------------------------------------------------------------
     def _start(self, ctx: RequestContext) -> None:
@@ -416,6 +422,15 @@ class ClientProtocol(asyncio.Protocol):
     @property
     def write_paused(self) -> bool:
         return self._write_paused
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def pending_headers(self) -> list[tuple[bytes, bytes]]:
+        """Headers of the request being parsed (for rendering a refusal in the right dialect)."""
+        return self._headers
 
     def refuse(self, status: int, message: str) -> None:
         """Answer a malformed request and close the connection."""

@@ -41,13 +41,6 @@ class StatusGateway(Gateway):
         self._via = b""
 
     def handle(self, ctx: RequestContext) -> None:
-        task = self.loop.create_task(self._answer(ctx))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _answer(self, ctx: RequestContext) -> None:
-        client = ctx.conn
-        assert client is not None
         path = ctx.raw_path.rstrip("/") or "/"
         exit_: GatewayExit
         if ctx.method not in ("GET", "HEAD"):
@@ -64,7 +57,7 @@ class StatusGateway(Gateway):
             exit_ = GatewayExit(status, body, headers)
         else:
             exit_ = GatewayExit(404, {"message": "Not found"})
-        await self._respond_exit(ctx, exit_, None, client)
+        self._exit(ctx, exit_)
 
     def status_body(self) -> dict[str, Any]:
         main = self.main

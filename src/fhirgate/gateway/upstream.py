@@ -26,6 +26,7 @@ class ExchangeSink(Protocol):
     def on_upstream_body(self, chunk: bytes) -> None: ...
     def on_upstream_complete(self) -> None: ...
     def on_upstream_error(self, exc: BaseException) -> None: ...
+    def flush(self) -> None: ...
     def on_upstream_pause_writing(self) -> None: ...
     def on_upstream_resume_writing(self) -> None: ...
 
@@ -92,6 +93,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink = None
             self.close()
             sink.on_upstream_error(UpstreamResponseError(f"invalid response from upstream: {exc}"))
+            return
+        sink.flush()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport
@@ -109,6 +112,7 @@ class UpstreamConnection(asyncio.Protocol):
                 pass
             if self.close_delimited:
                 sink.on_upstream_complete()
+                sink.flush()
                 return
             sink.on_upstream_error(
                 UpstreamResponseError("upstream closed the connection" + (f": {exc}" if exc else ""))

@@ -8,7 +8,8 @@ from pydantic import Field, field_validator
 
 from fhirgate.gateway.plugins.base import PluginConfig
 
-# Kong: `match = [[^[^*&%%\`]+$]]` (Lua pattern: no `*`, `&`, `%` or backtick), `err = "not a valid filename"`.
+# Kong: `match = [[^[^*&%%\`]+$]]` (a Lua pattern: no `*`, `&`, `%` or backtick),
+# `err = "not a valid filename"`.
 _VALID_PATH = re.compile(r"^[^*&%`]+$")
 MSG_BAD_PATH = "not a valid filename"
 MSG_LUA = (

@@ -43,7 +43,10 @@ CONTENT_TYPE = "text/plain; charset=UTF-8"
 WORKSPACE = "default"  # fhirgate has one workspace, Kong's default
 
 # Kong's exposition names of the families whose sample names prometheus-client changes.
-_KONG_NAMES = {"kong_http_requests": "kong_http_requests_total", "kong_bandwidth_bytes": "kong_bandwidth_bytes"}
+_KONG_NAMES = {
+    "kong_http_requests": "kong_http_requests_total",
+    "kong_bandwidth_bytes": "kong_bandwidth_bytes",
+}
 _CACHE_LIMIT = 10_000
 # Kong's label order per family (prometheus-client's multiprocess collector sorts them).
 _LABEL_ORDER = {
@@ -146,7 +149,7 @@ def setup_node(_settings: Settings | None = None) -> None:
         path = tempfile.mkdtemp(prefix="fhirgate-prometheus-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
         # A new value class: prometheus-client caches its open files per class, not per directory.
-        values.ValueClass = values.MultiProcessValue()
+        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
         _state.multiproc_dir = path
         _state.owner_pid = os.getpid()
         _state.registry = None
@@ -197,7 +200,7 @@ def _labels(labels: dict[str, str], order: tuple[str, ...]) -> str:
 def _families() -> Iterable[Any]:
     if _state.multiproc_dir is not None:
         registry = CollectorRegistry(auto_describe=False)
-        MultiProcessCollector(registry, path=_state.multiproc_dir)
+        MultiProcessCollector(registry, path=_state.multiproc_dir)  # type: ignore[no-untyped-call]
         return list(registry.collect())
     metrics()  # make sure the in-process registry exists
     assert _state.registry is not None
@@ -216,11 +219,13 @@ def render() -> bytes:
         kind = family.type
         lines = [f"# HELP {name} {family.documentation}", f"# TYPE {name} {kind}"]
         if kind == "histogram":
-            samples.sort(key=lambda s: (
-                tuple(sorted((k, v) for k, v in s.labels.items() if k != "le")),
-                {"_bucket": 0, "_count": 1, "_sum": 2}.get(s.name[len(family.name):], 3),
-                float(s.labels.get("le", "0").replace("+Inf", "inf")),
-            ))
+            samples.sort(
+                key=lambda s: (
+                    tuple(sorted((k, v) for k, v in s.labels.items() if k != "le")),
+                    {"_bucket": 0, "_count": 1, "_sum": 2}.get(s.name[len(family.name) :], 3),
+                    float(s.labels.get("le", "0").replace("+Inf", "inf")),
+                )
+            )
         for sample in samples:
             sample_name = name if sample.name == family.name + "_total" else sample.name
             labels = _labels(sample.labels, _LABEL_ORDER.get(family.name, ()))

@@ -65,8 +65,15 @@ class Handler(Plugin):
             code = kong.response.get_status()
             source = "service" if kong.response.get_source() == "service" else "kong"
             key = ("status", service, route, code, source, consumer)
-            labels = (_service_name(service), _route_name(route), str(code), source, WORKSPACE, consumer)
-            m.child(key, m.status, labels).inc()
+            status_labels = (
+                _service_name(service),
+                _route_name(route),
+                str(code),
+                source,
+                WORKSPACE,
+                consumer,
+            )
+            m.child(key, m.status, status_labels).inc()
         if not self.serialize:
             return
         record = kong.log.serialize()
@@ -74,11 +81,11 @@ class Handler(Plugin):
             ingress = record["request"]["size"] or 0
             egress = record["response"]["size"] or 0
             if ingress > 0:
-                labels = (_service_name(service), _route_name(route), "ingress", WORKSPACE, consumer)
-                m.child(("in", service, route, consumer), m.bandwidth, labels).inc(ingress)
+                bw_labels = (_service_name(service), _route_name(route), "ingress", WORKSPACE, consumer)
+                m.child(("in", service, route, consumer), m.bandwidth, bw_labels).inc(ingress)
             if egress > 0:
-                labels = (_service_name(service), _route_name(route), "egress", WORKSPACE, consumer)
-                m.child(("out", service, route, consumer), m.bandwidth, labels).inc(egress)
+                bw_labels = (_service_name(service), _route_name(route), "egress", WORKSPACE, consumer)
+                m.child(("out", service, route, consumer), m.bandwidth, bw_labels).inc(egress)
         if self.latency:
             latencies = record["latencies"]
             labels = (_service_name(service), _route_name(route), WORKSPACE)

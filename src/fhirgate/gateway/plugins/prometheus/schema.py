@@ -17,7 +17,7 @@ class PrometheusConfig(PluginConfig):
     )
     ai_metrics: bool = Field(
         False,
-        description="A boolean value that determines if AI metrics should be collected (no effect in fhirgate).",
+        description="A boolean value that determines if AI metrics should be collected (no effect here).",
     )
     latency_metrics: bool = Field(
         False, description="A boolean value that determines if latency metrics should be collected."
@@ -34,7 +34,7 @@ class PrometheusConfig(PluginConfig):
     )
     wasm_metrics: bool = Field(
         False,
-        description="A boolean value that determines if Wasm metrics should be collected (no effect in fhirgate).",
+        description="A boolean value that determines if Wasm metrics should be collected (no effect here).",
     )
 
 

@@ -20,9 +20,8 @@ from fhirgate.gateway.plugins.base import PluginConfig
 PERIODS: tuple[str, ...] = ("second", "minute", "hour", "day", "month", "year")
 SYNC_RATE_REALTIME = -1.0
 
-MSG_AT_LEAST_ONE = (
-    "at least one of these fields must be non-empty: "
-    + ", ".join(f"'config.{p}'" for p in PERIODS)
+MSG_AT_LEAST_ONE = "at least one of these fields must be non-empty: " + ", ".join(
+    f"'config.{p}'" for p in PERIODS
 )
 MSG_GT_ZERO = "value must be greater than 0"
 MSG_SYNC_RATE_LOCAL = "sync_rate can only be used with the redis policy"
@@ -53,7 +52,9 @@ class RedisConfig(PluginConfig):
 
     host: str | None = Field(None, description="A string representing a host name, such as example.com.")
     port: int = Field(6379, ge=0, le=65535, description="An integer representing a port number.")
-    timeout: int = Field(2000, ge=0, description="Connection timeout in ms (deprecated, use the three below).")
+    timeout: int = Field(
+        2000, ge=0, description="Connection timeout in ms (deprecated, use the three below)."
+    )
     connect_timeout: int = Field(2000, ge=0, description="Timeout in ms to connect to Redis.")
     send_timeout: int = Field(2000, ge=0, description="Timeout in ms to send to Redis.")
     read_timeout: int = Field(2000, ge=0, description="Timeout in ms to read from Redis.")
@@ -61,7 +62,9 @@ class RedisConfig(PluginConfig):
     password: str | None = Field(None, description="Password to authenticate to Redis.")
     database: int = Field(0, description="The Redis database to use.")
     keepalive_pool_size: int = Field(256, ge=1, description="Connections kept alive per pool.")
-    keepalive_backlog: int | None = Field(None, ge=0, description="Queued connection requests when the pool is full.")
+    keepalive_backlog: int | None = Field(
+        None, ge=0, description="Queued connection requests when the pool is full."
+    )
     ssl: bool = Field(False, description="Connect to Redis over TLS.")
     ssl_verify: bool = Field(False, description="Verify the Redis server's TLS certificate.")
     server_name: str | None = Field(None, description="SNI server name for the TLS connection.")
@@ -158,9 +161,7 @@ class RateLimitingConfig(PluginConfig):
     def _header_name(cls, v: str | None) -> str | None:
         # Kong: typedefs.header_name (`validate_header_name`).
         if v is not None and not _HEADER_NAME.match(v):
-            raise ValueError(
-                f"bad header name '{v}', allowed characters are A-Z, a-z, 0-9, '_', and '-'"
-            )
+            raise ValueError(f"bad header name '{v}', allowed characters are A-Z, a-z, 0-9, '_', and '-'")
         return v
 
     @field_validator("path")
@@ -183,7 +184,8 @@ class RateLimitingConfig(PluginConfig):
             for upper, v2 in limits[i + 1 :]:
                 if v2 is not None and v2 < v1:
                     raise ValueError(
-                        f"The limit for {upper}({v2:.1f}) cannot be lower than the limit for {lower}({v1:.1f})"
+                        f"The limit for {upper}({v2:.1f}) cannot be lower than "
+                        f"the limit for {lower}({v1:.1f})"
                     )
         if self.policy != "redis" and self.sync_rate != SYNC_RATE_REALTIME:
             raise ValueError(MSG_SYNC_RATE_LOCAL)
