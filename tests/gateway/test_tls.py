@@ -114,9 +114,8 @@ def _make_leaf(
     return cert, key
 
 
-@pytest.fixture(scope="session")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
+def build_pki(d: Path) -> Pki:
+    """A CA, a certificate for localhost / 127.0.0.1 it signs, and two bad certificates, in `d`."""
     ca, ca_key = _make_ca("fhirgate test CA")
     leaf, leaf_key = _make_leaf(ca, ca_key, ["localhost"], ["127.0.0.1"])
     other, other_key = _make_leaf(ca, ca_key, ["not-this-host.example"], [])
@@ -131,6 +130,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         untrusted_cert=_write_cert(d / "untrusted.pem", rogue),
         untrusted_key=_write_key(d / "untrusted.key", rogue_leaf_key),
     )
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return build_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _server_context(cert: Path, key: Path) -> ssl.SSLContext:

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -222,6 +223,21 @@ def test_per_consumer_labels_with_the_consumers_username() -> None:
     handler.log(kong)
     line = _status_line(2, code=201, service="svc", route="route-id", consumer="alice")
     assert line in exporter.render().decode().splitlines()
+
+
+def test_a_node_start_removes_directories_of_dead_nodes() -> None:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)  # `pid` is now a dead process
+    stale = Path(tempfile.gettempdir()) / f"fhirgate-prometheus-{pid}-stale"
+    stale.mkdir()
+    (stale / "counter_1.db").write_bytes(b"")
+    exporter.setup_node()
+    assert not stale.exists()
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"].startswith(
+        str(Path(tempfile.gettempdir()) / f"fhirgate-prometheus-{os.getpid()}-")
+    )
 
 
 def test_log_hook_cost_is_measured() -> None:

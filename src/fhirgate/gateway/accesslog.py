@@ -3,7 +3,8 @@
 Text lines follow nginx's "combined" format plus the request id and latencies. The query string
 is never written (FHIR search parameters carry PHI); credentials never appear (only the method,
 path and status are logged, never headers). JSON lines carry Kong's `kong.log.serialize()` record
-(with `Authorization` and cookies redacted) minus the request's query string values.
+(with `Authorization` and cookies redacted) minus the query string: no `querystring`, and `uri`,
+`url` and `upstream_uri` without their `?...` part.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class AccessLog:
             uri = record["request"]["uri"]
             record["request"]["uri"] = uri.split("?", 1)[0]
             record["request"]["url"] = record["request"]["url"].split("?", 1)[0]
+            upstream_uri = record.get("upstream_uri")
+            if isinstance(upstream_uri, str):  # the query as sent upstream (perhaps rewritten)
+                record["upstream_uri"] = upstream_uri.split("?", 1)[0]
             line = json.dumps(record, separators=(",", ":"))
         else:
             ts = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(ctx.t_start))

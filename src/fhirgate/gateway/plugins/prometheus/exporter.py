@@ -138,15 +138,37 @@ def node_id() -> str:
     return _state.node_id
 
 
+_DIR_PREFIX = "fhirgate-prometheus-"
+
+
 def _remove_dir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_stale_dirs() -> None:
+    """Directories of nodes that died without cleaning up (SIGKILL): named after a dead pid."""
+    root = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            if not entry.name.startswith(_DIR_PREFIX) or not entry.is_dir(follow_symlinks=False):
+                continue
+            pid_text = entry.name[len(_DIR_PREFIX) :].split("-", 1)[0]
+            if not pid_text.isdigit():
+                continue
+            try:
+                os.kill(int(pid_text), 0)
+            except ProcessLookupError:
+                _remove_dir(entry.path)
+            except PermissionError:
+                pass  # alive, another user's
 
 
 def setup_node(_settings: Settings | None = None) -> None:
     """Before the workers fork: a fresh, empty multiprocess directory for this node."""
     with _state.lock:
         old, owner = _state.multiproc_dir, _state.owner_pid
-        path = tempfile.mkdtemp(prefix="fhirgate-prometheus-")
+        _remove_stale_dirs()
+        path = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
         # A new value class: prometheus-client caches its open files per class, not per directory.
         values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
