@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -40,11 +41,11 @@ class Settings(BaseSettings):
     )
 
     # --- listeners -------------------------------------------------------------------------
-    listen: list[str] = Field(
+    listen: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["0.0.0.0:8000"],
         description="Proxy listeners, HOST:PORT (Kong's proxy_listen).",
     )
-    listen_ssl: list[str] = Field(
+    listen_ssl: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="TLS proxy listeners, HOST:PORT. Defaults to 0.0.0.0:8443 when ssl_cert is set.",
     )
@@ -101,7 +102,7 @@ class Settings(BaseSettings):
     )
 
     # --- forwarding ------------------------------------------------------------------------
-    trusted_ips: list[str] = Field(
+    trusted_ips: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="IPs/CIDRs whose X-Forwarded-* headers are believed (Kong's trusted_ips).",
     )
@@ -109,7 +110,7 @@ class Settings(BaseSettings):
         "X-Real-IP",
         description="Header giving the client's address when the peer is trusted (or X-Forwarded-For).",
     )
-    headers: list[str] = Field(
+    headers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["server_tokens", "latency_tokens", "request_id"],
         description=(
             "Headers the gateway adds (Kong's `headers`): server_tokens (Via, Server), latency_tokens "
@@ -176,6 +177,7 @@ def load_settings(settings_file: Path | None = None, **overrides: Any) -> Settin
     """Build the node settings: `overrides` (CLI flags; None values ignored), environment,
     `settings_file` (or ./fhirgate.toml), defaults. Raises ConfigError naming each bad setting."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     _TOML_FILE[0] = settings_file or Path("fhirgate.toml")
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -184,6 +186,8 @@ def load_settings(settings_file: Path | None = None, **overrides: Any) -> Settin
     except ValidationError as exc:
         issues = [ConfigIssue(".".join(str(p) for p in err["loc"]), err["msg"]) for err in exc.errors()]
         raise ConfigError(issues, source="settings") from None
+    except SettingsError as exc:
+        raise ConfigError([ConfigIssue("", str(exc))], source="settings") from None
 
 
 def parse_hostport(value: str, default_host: str = "0.0.0.0") -> tuple[str, int]:

@@ -28,6 +28,7 @@ from fhirgate.config import GatewayConfig, empty_config, load_config_file
 from fhirgate.errors import ConfigError
 from fhirgate.gateway import hooks
 from fhirgate.gateway.accesslog import AccessLog
+from fhirgate.gateway.plugins.registry import available_plugins
 from fhirgate.gateway.proxy import Gateway
 from fhirgate.gateway.server import ClientProtocol
 from fhirgate.gateway.status import StatusGateway
@@ -352,6 +353,9 @@ class Node:
         """Start the workers and supervise them until SIGTERM/SIGINT. Returns the exit code:
         0 after a graceful stop, 1 if the workers could not be kept running."""
         self.reserve()
+        # Import every built-in plugin now, so their per-node resources (shared counters,
+        # metrics directory) exist before the workers fork, even if a later reload adds them.
+        available_plugins()
         hooks.run_before_fork(self.settings)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)

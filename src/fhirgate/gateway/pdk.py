@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import parse_qs
@@ -20,14 +21,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fhirgate.plugins")
 
-_BAD_HEADER_CHARS = frozenset("\r\n\x00")
+# RFC 9110 5.1 / 5.5: a header name is a token; a value never holds CR, LF or NUL.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(r"[\r\n\x00]")
 
 
 def _check_header(name: str, value: str | None) -> None:
-    """Refuse header injection: a name or value with CR, LF or NUL (RFC 9110 5.5)."""
-    if not name or any(c in _BAD_HEADER_CHARS or c in " :" for c in name):
+    """Refuse header injection: a name that is not a token, a value with CR, LF or NUL."""
+    if _TOKEN.fullmatch(name) is None:
         raise ValueError(f"invalid header name {name!r}")
-    if value is not None and any(c in _BAD_HEADER_CHARS for c in value):
+    if value is not None and _BAD_VALUE.search(value) is not None:
         raise ValueError(f"invalid value for header {name!r}: contains CR, LF or NUL")
 
 
@@ -211,8 +214,13 @@ class _Response:
         self._ctx.response_headers[:] = [(k, v) for k, v in self._ctx.response_headers if k.lower() != lname]
 
     def set_headers(self, headers: Mapping[str, str]) -> None:
+        """Set several headers in one pass over the response headers."""
         for k, v in headers.items():
-            self.set_header(k, v)
+            _check_header(k, v)
+        replaced = {k.lower() for k in headers}
+        current = self._ctx.response_headers
+        current[:] = [(k, v) for k, v in current if k.lower() not in replaced]
+        current.extend(headers.items())
 
 
 class _Router:
