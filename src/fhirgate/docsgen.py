@@ -93,8 +93,7 @@ def plugins_reference() -> str:
             "",
             f"{cls.description}".strip() or "",
             "",
-            f"Priority {cls.priority}."
-            + (" Cannot be scoped to a consumer." if cls.no_consumer else ""),
+            f"Priority {cls.priority}." + (" Cannot be scoped to a consumer." if cls.no_consumer else ""),
             "",
             "| field | type | default | description |",
             "|---|---|---|---|",

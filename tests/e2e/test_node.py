@@ -101,7 +101,9 @@ class NodeProcess:
 
         assert wait_until(ready, timeout), f"no ready line within {timeout}s:\n{self.stdout}\n{self.stderr}"
         names = {"proxy": "proxy", "proxy (TLS)": "ssl", "status": "status"}
-        for m in re.finditer(r"fhirgate gateway: (proxy|proxy \(TLS\)|status) listening on \S+:(\d+)", self.stdout):
+        for m in re.finditer(
+            r"fhirgate gateway: (proxy|proxy \(TLS\)|status) listening on \S+:(\d+)", self.stdout
+        ):
             self.ports[names[m.group(1)]] = int(m.group(2))
 
     def url(self, kind: str = "proxy") -> str:
@@ -265,7 +267,9 @@ def test_sigterm_finishes_the_request_in_flight_refuses_new_ones_and_exits_0(
     tmp_path: Path, config_path: Path, upstream: Upstream
 ) -> None:
     upstream.handler = lambda req: Reply(body=b'{"slow":true}', delay=1.0)
-    with gateway_node(tmp_path, "--config", str(config_path), "--listen", "127.0.0.1:0", "--workers", "1") as node:
+    with gateway_node(
+        tmp_path, "--config", str(config_path), "--listen", "127.0.0.1:0", "--workers", "1"
+    ) as node:
         port = node.ports["proxy"]
         result: dict[str, Any] = {}
 
@@ -299,7 +303,9 @@ def test_sigterm_lets_a_large_response_to_a_slow_client_finish(
 ) -> None:
     body = bytes(range(256)) * 16384  # 4 MiB: far more than the socket buffers hold
     upstream.handler = lambda req: Reply(body=body, headers=[("Content-Type", "application/octet-stream")])
-    with gateway_node(tmp_path, "--config", str(config_path), "--listen", "127.0.0.1:0", "--workers", "1") as node:
+    with gateway_node(
+        tmp_path, "--config", str(config_path), "--listen", "127.0.0.1:0", "--workers", "1"
+    ) as node:
         with socket.create_connection(("127.0.0.1", node.ports["proxy"]), timeout=10) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.sendall(b"GET /a/big HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -359,7 +365,9 @@ def test_sighup_reloads_every_worker_and_keeps_open_connections(
 def test_sighup_with_a_broken_file_keeps_serving_the_old_configuration(
     tmp_path: Path, config_path: Path, upstream: Upstream, broken: str, location: str
 ) -> None:
-    with gateway_node(tmp_path, "--config", str(config_path), "--listen", "127.0.0.1:0", "--workers", "1") as node:
+    with gateway_node(
+        tmp_path, "--config", str(config_path), "--listen", "127.0.0.1:0", "--workers", "1"
+    ) as node:
         if broken == "paths":
             write_config(config_path, upstream.url, "/a", "no-slash")
         else:
@@ -385,13 +393,18 @@ def test_an_invalid_configuration_file_is_refused_at_start(tmp_path: Path, upstr
         assert node.wait(READY_TIMEOUT) == 1
         node.cleanup()  # joins the readers: all the output is in
         assert "bad.yaml: 1 error(s) in configuration" in node.stderr
-        assert "services[0].routes[1].paths[0]: should start with: / (fixed path) or ~/ (regex path)" in node.stderr
+        assert (
+            "services[0].routes[1].paths[0]: should start with: / (fixed path) or ~/ (regex path)"
+            in node.stderr
+        )
         assert "Traceback" not in node.stderr
         assert "listening" not in node.stdout
 
 
 def test_a_port_in_use_is_refused_even_by_another_node(tmp_path: Path, config_path: Path) -> None:
-    with gateway_node(tmp_path, "--config", str(config_path), "--listen", "127.0.0.1:0", "--workers", "1") as first:
+    with gateway_node(
+        tmp_path, "--config", str(config_path), "--listen", "127.0.0.1:0", "--workers", "1"
+    ) as first:
         port = first.ports["proxy"]
         with gateway_node(
             tmp_path, "--config", str(config_path), "--listen", f"127.0.0.1:{port}", ready=False
@@ -421,7 +434,9 @@ def test_an_unreadable_tls_certificate_is_refused_at_start(tmp_path: Path, confi
         assert "Traceback" not in node.stderr
 
 
-def test_the_tls_listener_from_the_command_line(tmp_path: Path, config_path: Path, upstream: Upstream) -> None:
+def test_the_tls_listener_from_the_command_line(
+    tmp_path: Path, config_path: Path, upstream: Upstream
+) -> None:
     pki = build_pki(tmp_path)
     with gateway_node(
         tmp_path,

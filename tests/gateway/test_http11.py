@@ -38,9 +38,10 @@ def test_pipelined_requests_are_answered_in_order(upstream: Upstream) -> None:
 
     upstream.handler = slow_first
     with running_gateway(service_config(upstream.url)) as gw:
-        data = b"".join(
-            f"GET /{p} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for p in ("a", "b", "c")
-        ) + b"GET /d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        data = (
+            b"".join(f"GET /{p} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for p in ("a", "b", "c"))
+            + b"GET /d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
         out = raw_request(gw.port(), data)
     responses = parse_responses(out)
     assert [body for _s, _h, body in responses] == [b"/a", b"/b", b"/c", b"/d"]
@@ -167,7 +168,15 @@ def test_hop_by_hop_request_headers_are_not_forwarded(upstream: Upstream) -> Non
         )
     rec = upstream.requests[0]
     names = {k for k, _ in rec.headers}
-    for gone in ("x-secret", "keep-alive", "te", "upgrade", "proxy-authorization", "proxy-connection", "trailer"):
+    for gone in (
+        "x-secret",
+        "keep-alive",
+        "te",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-connection",
+        "trailer",
+    ):
         assert gone not in names, gone
     assert rec.header("x-kept") == "yes"
     assert rec.header("connection") in (None, "keep-alive")
@@ -215,7 +224,11 @@ def test_forwarded_headers_from_trusted_proxy_are_kept(upstream: Upstream) -> No
     with running_gateway(service_config(upstream.url), trusted_ips=["127.0.0.0/8"]) as gw:
         httpx.get(
             gw.url + "/p",
-            headers={"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https", "X-Real-IP": "203.0.113.9"},
+            headers={
+                "X-Forwarded-For": "203.0.113.9",
+                "X-Forwarded-Proto": "https",
+                "X-Real-IP": "203.0.113.9",
+            },
         )
     rec = upstream.requests[0]
     assert rec.header("x-forwarded-for") == "203.0.113.9, 127.0.0.1"

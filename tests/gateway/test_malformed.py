@@ -53,7 +53,8 @@ CASES = {
     "missing host": (b"GET / HTTP/1.1\r\nX-A: b\r\n\r\n", 400),
     "repeated host": (b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400),
     "duplicate transfer-encoding": (
-        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         400,
     ),
     "chunked not last": (
@@ -73,7 +74,10 @@ CASES = {
     "non-ascii target": (b"GET /\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     "invalid method token": (b"G(T / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     "bad version": (b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", 400),
-    "unsupported expectation": (b"POST / HTTP/1.1\r\nHost: x\r\nExpect: teapot\r\nContent-Length: 1\r\n\r\nx", 417),
+    "unsupported expectation": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nExpect: teapot\r\nContent-Length: 1\r\n\r\nx",
+        417,
+    ),
 }
 
 
@@ -109,7 +113,7 @@ def test_refusal_is_an_operation_outcome_when_client_prefers_fhir(upstream: Upst
 def test_oversize_request_line_is_414(upstream: Upstream) -> None:
     with running_gateway(service_config(upstream.url), max_request_line=1024) as gw:
         out = raw_request(gw.port(), b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
-    [(status, headers, body)] = parse_responses(out)
+    [(status, _headers, body)] = parse_responses(out)
     assert status == 414
     assert body == b'{"message":"Request-URI Too Long"}'
     assert upstream.requests == []
@@ -164,14 +168,18 @@ def test_slow_body_sender_times_out_with_408_and_frees_upstream(upstream: Upstre
 def test_path_escaping_the_route_is_refused(upstream: Upstream) -> None:
     with running_gateway(service_config(upstream.url, paths=["/fhir"])) as gw:
         for target in (b"/fhir/..%2Fadmin", b"/fhir/%2e%2e%2fadmin", b"/fhir/..%5cadmin", b"/../etc/passwd"):
-            out = raw_request(gw.port(), b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            out = raw_request(
+                gw.port(), b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
             assert parse_responses(out)[0][0] == 400, target
     assert upstream.requests == []
 
 
 def test_dot_segments_are_resolved_before_routing(upstream: Upstream) -> None:
     with running_gateway(service_config(upstream.url, paths=["/fhir"])) as gw:
-        out = raw_request(gw.port(), b"GET /fhir/%2e%2e/admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        out = raw_request(
+            gw.port(), b"GET /fhir/%2e%2e/admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
         [(status, _h, body)] = parse_responses(out)
         assert status == 404
         assert body == b'{"message":"no Route matched with those values"}'

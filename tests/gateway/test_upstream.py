@@ -83,7 +83,9 @@ def test_upstream_smuggled_response_is_refused(upstream: Upstream) -> None:
 
 
 def test_close_delimited_upstream_body_is_relayed(upstream: Upstream) -> None:
-    upstream.handler = lambda req: Reply(raw=b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it", close=True)
+    upstream.handler = lambda req: Reply(
+        raw=b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it", close=True
+    )
     with running_gateway(service_config(upstream.url)) as gw:
         r = httpx.get(gw.url + "/x")
     assert r.status_code == 200
@@ -182,7 +184,8 @@ def test_gateway_error_keeps_connection_alive(upstream: Upstream) -> None:
     with running_gateway(service_config(upstream.url, paths=["/fhir"])) as gw:
         out = raw_request(
             gw.port(),
-            b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\nGET /fhir/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /fhir/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         )
     assert [s for s, _h, _b in parse_responses(out)] == [404, 200]
 

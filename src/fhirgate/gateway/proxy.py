@@ -623,9 +623,7 @@ class Gateway:
                     if ctx.n_tries <= target.retries:
                         ctx.n_tries += 1
                         continue
-                    log.error(
-                        "upstream %s:%s: %s", target.key[1], target.key[2], exc or type(exc).__name__
-                    )
+                    log.error("upstream %s:%s: %s", target.key[1], target.key[2], exc or type(exc).__name__)
                     if isinstance(exc, TimeoutError):
                         raise GatewayExit(504, {"message": MSG_TIMEOUT}) from None
                     raise GatewayExit(502, {"message": MSG_BAD_GATEWAY}) from None
@@ -643,7 +641,9 @@ class Gateway:
         except Exception:
             self._crash(ctx)
 
-    def _send(self, ctx: RequestContext, target: UpstreamTarget, conn: UpstreamConnection, reused: bool) -> None:
+    def _send(
+        self, ctx: RequestContext, target: UpstreamTarget, conn: UpstreamConnection, reused: bool
+    ) -> None:
         client = ctx.conn
         assert client is not None
         ctx.tries.append({"ip": target.key[1], "port": target.key[2]})
@@ -775,7 +775,9 @@ class Gateway:
     def _add_gateway_headers(self, ctx: RequestContext, headers: list[tuple[str, str]]) -> None:
         if self.latency_tokens:
             up = ctx.t_upstream_start
-            headers.append(("X-Fhirgate-Upstream-Latency", str(int((ctx.t_upstream_end_headers - up) * 1000))))
+            headers.append(
+                ("X-Fhirgate-Upstream-Latency", str(int((ctx.t_upstream_end_headers - up) * 1000)))
+            )
             headers.append(("X-Fhirgate-Proxy-Latency", str(int((up - ctx.t_start) * 1000))))
         if self._via:
             headers.append(("Via", "1.1 " + SERVER_TOKEN))
@@ -827,7 +829,9 @@ class Gateway:
         self, ctx: RequestContext, status: int, raw_headers: list[tuple[bytes, bytes]], framing: bytes
     ) -> bytes:
         """The response head straight from the upstream's bytes (no header_filter plugins)."""
-        out = [_STATUS_LINES.get(status) or f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n".encode()]
+        out = [
+            _STATUS_LINES.get(status) or f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n".encode()
+        ]
         for name, value in _filter_response_headers(raw_headers):
             out += (name, b": ", value, b"\r\n")
         if self.latency_tokens:
