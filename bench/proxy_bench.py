@@ -1158,7 +1158,7 @@ def build_report(
             {
                 "bar": label,
                 "result": "PASS" if ok else "MISS",
-                "ratio": round(ratio, 3),
+                "ratio": ratio,
                 "required": f"{op} {factor}",
                 "runs_with_errors": dirty,
             }
@@ -1358,6 +1358,8 @@ def plot(report: dict[str, Any], path: Path) -> Path:
                 va="bottom",
                 fontsize=9,
                 fontweight="bold" if t["role"] == "gateway" else "normal",
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 1.5},
+                zorder=4,
             )
         for level, style, label in lines:
             ax.axhline(level, color="#d62728", linestyle=style, linewidth=1.2, label=label)

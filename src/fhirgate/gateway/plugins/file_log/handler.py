@@ -2,8 +2,8 @@
 record of `kong.log.serialize()` (credentials already redacted: `Authorization`,
 `Proxy-Authorization`, `Cookie`, `Set-Cookie`).
 
-The event loop only encodes the line and queues it; a writer thread per plugin instance appends
-what is queued. The file is opened with O_APPEND and every write holds whole lines (a batch of at
+The event loop only encodes the line and gathers it; every 50 ms (or 64 KiB) the gathered lines go to
+a writer thread per plugin instance, which appends them. The file is opened with O_APPEND and every write holds whole lines (a batch of at
 most 64 KiB, or one longer line), so the lines of several workers never interleave. With
 `reopen: true` the file is opened again for every write (each batch of lines), so a rotated file
 is followed at once.
@@ -11,6 +11,7 @@ is followed at once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -30,6 +31,7 @@ log = logging.getLogger("fhirgate.plugins.file-log")
 _FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 _MODE = 0o644  # Kong: S_IRUSR | S_IWUSR | S_IRGRP | S_IROTH
 _BATCH = 64 * 1024
+_FLUSH_EVERY = 0.05  # seconds
 
 
 class LineWriter:
@@ -44,15 +46,41 @@ class LineWriter:
         self._fd: int | None = None
         self._closed = False
         self._start_lock = threading.Lock()
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._flush_handle: asyncio.TimerHandle | None = None
 
     def put(self, line: bytes) -> None:
-        """Queue one line (ending in a newline). Never blocks on the disk."""
+        """Queue one line (ending in a newline). Never blocks on the disk.
+
+        Lines are gathered in the event loop and handed to the writer thread in batches (every
+        50 ms, or at 64 KiB), so a request costs no thread wake-up."""
         if self._closed:
             self._write(line)  # a request that finished after a reload: rare, write it directly
             return
         if self._thread is None or self._pid != os.getpid():
             self._start()
-        self._queue.put(line)
+        self._pending.append(line)
+        self._pending_size += len(line)
+        if self._pending_size >= _BATCH:
+            self.flush()
+        elif self._flush_handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._flush_handle = loop.call_later(_FLUSH_EVERY, self.flush)
+
+    def flush(self) -> None:
+        """Hand the gathered lines to the writer thread."""
+        handle, self._flush_handle = self._flush_handle, None
+        if handle is not None:
+            handle.cancel()
+        if self._pending:
+            self._queue.put(b"".join(self._pending))
+            self._pending.clear()
+            self._pending_size = 0
 
     def _start(self) -> None:
         with self._start_lock:
@@ -117,6 +145,7 @@ class LineWriter:
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued, then stop the thread and close the file."""
+        self.flush()
         self._closed = True
         thread = self._thread
         if thread is not None and self._pid == os.getpid() and thread.is_alive():
