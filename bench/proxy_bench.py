@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import fcntl
 import http.client
 import json
 import os
@@ -44,6 +45,7 @@ REQUEST_PATH = "/fhir/Patient/example"
 PATIENT_SIZE = 2500  # bytes of the upstream body
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
+LOCK_FILE = Path(tempfile.gettempdir()) / "fhirgate-proxy-bench.lock"
 NOISY_SHARE = 0.10  # "other" CPU above this share of the machine during a run marks the run noisy
 
 # Bars of the issue: (target key, metric, comparison, factor, label)
@@ -776,13 +778,35 @@ def interrupt_on_term() -> Iterator[None]:
             signal.signal(s, h)
 
 
+@contextlib.contextmanager
+def one_benchmark_at_a_time() -> Iterator[None]:
+    """Two benchmarks on one machine would measure each other: the second waits for the first."""
+    with LOCK_FILE.open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            say(f"another proxy benchmark is running on this machine (pid {holder}): waiting for it to end")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     procs = Processes()
     wrk_runner: WrkRunner | None = None
     tmp = Path(tempfile.mkdtemp(prefix="fhirgate-bench-"))
-    with interrupt_on_term():
+    with interrupt_on_term(), contextlib.ExitStack() as stack:
         try:
+            stack.enter_context(one_benchmark_at_a_time())
             nginx, wrk = ensure_tools()
             wrk_runner = WrkRunner(wrk)
             return bench(args, procs, wrk_runner, nginx, wrk, tmp)

@@ -54,6 +54,7 @@ class RequestContext:
         "method",
         "n_tries",
         "path",
+        "pdk",
         "query",
         "raw_path",
         "request_id",
@@ -111,6 +112,7 @@ class RequestContext:
         self.method = "GET"
         self.n_tries = 0
         self.path = "/"
+        self.pdk: Any = None
         self.query = ""
         self.raw_path = "/"
         self.request_id = ""

@@ -214,7 +214,7 @@ class WorkerRuntime:
         # Every response is written; the connections that carried them are closing (their last
         # response said `Connection: close`). Let them flush what is still buffered in user space
         # (the end of a large body to a slow client) until the grace period ends, then cut the rest.
-        pass  # TEMP
+        await _poll(lambda: not any(_unflushed(c) for c in gateway.connections), deadline)
         for conn in list(gateway.connections):
             conn.abort()
         # Idle HTTPS upstream connections end with a TLS close_notify exchange, which needs the

@@ -75,8 +75,16 @@ class _Request:
 
     def get_header(self, name: str) -> str | None:
         """First value of header `name` (case-insensitive), or None."""
-        values = self._ctx.header_map().get(name.lower())
-        return values[0] if values else None
+        ctx = self._ctx
+        if ctx._hmap is not None:
+            values = ctx._hmap.get(name.lower())
+            return values[0] if values else None
+        bname = name.lower().encode("latin-1")
+        size = len(bname)
+        for key, value in ctx.headers:
+            if len(key) == size and key.lower() == bname:
+                return value.decode("latin-1")
+        return None
 
     def get_headers(self) -> Mapping[str, list[str]]:
         """All request headers, names lower-cased, values in order."""
@@ -237,13 +245,25 @@ class _Router:
 
 
 class _Ctx:
-    """`kong.ctx`: `shared` is one dict per request for all plugins; `plugin` one per plugin."""
+    """`kong.ctx`: `shared` is one dict per request for all plugins; `plugin` one per plugin
+    instance (created on first use)."""
 
-    __slots__ = ("_owner", "plugin", "shared")
+    __slots__ = ("_dicts", "_owner", "shared")
 
     def __init__(self, shared: dict[str, Any]) -> None:
         self.shared = shared
-        self.plugin: dict[str, Any] = {}
+        self._owner = ""
+        self._dicts: dict[str, dict[str, Any]] | None = None
+
+    @property
+    def plugin(self) -> dict[str, Any]:
+        dicts = self._dicts
+        if dicts is None:
+            dicts = self._dicts = {}
+        d = dicts.get(self._owner)
+        if d is None:
+            d = dicts[self._owner] = {}
+        return d
 
 
 class _Log:
@@ -284,9 +304,9 @@ class PDK:
         self.ctx = _Ctx(ctx.shared)
         self.log = _Log(ctx)
 
-    def for_plugin(self, plugin_ctx: dict[str, Any]) -> PDK:
-        """Point `kong.ctx.plugin` at one plugin's own dict (called by the pipeline)."""
-        self.ctx.plugin = plugin_ctx
+    def for_plugin(self, instance_id: str) -> PDK:
+        """Point `kong.ctx.plugin` at one plugin instance's own dict (called by the pipeline)."""
+        self.ctx._owner = instance_id
         return self
 
 

@@ -328,13 +328,11 @@ class Gateway:
 
     # --- helpers ---------------------------------------------------------------------------
     def pdk(self, ctx: RequestContext, step: Step | None = None) -> PDK:
-        kong: PDK | None = ctx.shared.get("__pdk")
+        kong: PDK | None = ctx.pdk
         if kong is None:
-            kong = PDK(ctx)
-            ctx.shared["__pdk"] = kong
+            kong = ctx.pdk = PDK(ctx)
         if step is not None:
-            plugin_ctx = ctx.shared.setdefault("__plugin_ctx", {})
-            kong.for_plugin(plugin_ctx.setdefault(step.spec.id, {}))
+            kong.ctx._owner = step.spec.id
         return kong
 
     def is_trusted(self, ip: str) -> bool:
@@ -536,6 +534,7 @@ class Gateway:
         out.append(ctx.host.encode("latin-1") if route.preserve_host and ctx.host else target.host_header)
         out.append(b"\r\n")
         ops = ctx.upstream_header_ops
+        ops_names = {k.encode("latin-1") for k in ops} if ops else _NONE
         conn_named: frozenset[bytes] = _NONE
         for name, value in ctx.headers:
             if len(name) == 10 and name.lower() == b"connection":
@@ -551,7 +550,7 @@ class Gateway:
                 if trusted and lname not in fwd:
                     fwd[lname] = value
                 continue
-            if ops and lname.decode("latin-1") in ops:
+            if lname in ops_names:
                 continue
             out += (name, b": ", value, b"\r\n")
         for op_name, op_value in ops.values():
