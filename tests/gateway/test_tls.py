@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,3 +299,32 @@ def test_verified_and_unverified_services_to_one_upstream_do_not_share_connectio
         assert [rec.target for rec in up.requests] == ["/lax"]
     finally:
         up.close()
+
+
+# --------------------------------------------------------------------------------------------
+# What the logs say about TLS
+
+
+def test_json_access_log_records_the_negotiated_tls_version(
+    upstream: Upstream, pki: Pki, tmp_path: Path
+) -> None:
+    log = tmp_path / "access.json"
+    client_ctx = ssl.create_default_context(cafile=str(pki.ca))
+    client_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    with (
+        running_gateway(
+            service_config(upstream.url),
+            ssl=True,
+            ssl_cert=pki.cert,
+            ssl_cert_key=pki.key,
+            proxy_access_log=str(log),
+            log_format="json",
+        ) as gw,
+        httpx.Client(verify=client_ctx) as client,
+    ):
+        assert client.get(f"https://localhost:{gw.port('ssl')}/x").status_code == 200
+        deadline = time.monotonic() + 5
+        while not log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    record = json.loads(log.read_text().splitlines()[0])
+    assert record["request"]["tls"]["version"] == "TLSv1.2"

@@ -248,7 +248,9 @@ class RequestContext:
                 "method": self.method,
                 "headers": req_headers,
                 "size": self.request_size,
-                "tls": {"version": "TLSv1.3"} if self.tls else None,
+                "tls": {"version": self.conn.tls_version if self.conn is not None else None}
+                if self.tls
+                else None,
             },
             "upstream_uri": self.upstream_uri,
             "upstream_status": str(self.upstream_status) if self.upstream_status else "",

@@ -77,6 +77,7 @@ class ClientProtocol(asyncio.Protocol):
         "receiving",
         "requests_served",
         "tls",
+        "tls_version",
         "transport",
         "write_waiters",
     )
@@ -84,6 +85,7 @@ class ClientProtocol(asyncio.Protocol):
     def __init__(self, gateway: Gateway, tls: bool = False) -> None:
         self.gateway = gateway
         self.tls = tls
+        self.tls_version: str | None = None
         self.loop = asyncio.get_event_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -119,6 +121,9 @@ class ClientProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip, self.client_port = peer[0], peer[1]
+        if self.tls:
+            ssl_object = transport.get_extra_info("ssl_object")
+            self.tls_version = ssl_object.version() if ssl_object is not None else None
         local = transport.get_extra_info("sockname")
         if local:
             self.listener_port = local[1]

@@ -2,9 +2,10 @@
 record of `kong.log.serialize()` (credentials already redacted: `Authorization`,
 `Proxy-Authorization`, `Cookie`, `Set-Cookie`).
 
-The event loop only encodes the line and gathers it; every 50 ms (or 64 KiB) the gathered lines go to
-a writer thread per plugin instance, which appends them. The file is opened with O_APPEND and every write holds whole lines (a batch of at
-most 64 KiB, or one longer line), so the lines of several workers never interleave. With
+The event loop only encodes the line and gathers it; every 50 ms (or 64 KiB) the gathered lines
+go to a writer thread per plugin instance, which appends them. The file is opened with O_APPEND and
+every write holds whole lines (a batch of at most 64 KiB, or one longer line), so the lines of
+several workers never interleave. With
 `reopen: true` the file is opened again for every write (each batch of lines), so a rotated file
 is followed at once.
 """
