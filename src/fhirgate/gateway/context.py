@@ -57,8 +57,10 @@ class RequestContext:
         "pdk",
         "query",
         "raw_path",
+        "raw_response_headers",
         "request_id",
         "request_size",
+        "resp_extra",
         "response_headers",
         "response_size",
         "response_source",
@@ -118,6 +120,10 @@ class RequestContext:
         self.request_id = ""
         self.request_size = 0
         self.response_headers: list[tuple[str, str]] = []
+        # The upstream's headers not yet decoded: decoded on first use by a plugin (`resp_headers`),
+        # so a header_filter that does not touch them costs nothing.
+        self.raw_response_headers: list[tuple[bytes, bytes]] | None = None
+        self.resp_extra: Callable[[RequestContext, list[tuple[str, str]]], None] | None = None
         self.response_size = 0
         self.response_source = "service"
         self.response_status = 0
@@ -149,6 +155,18 @@ class RequestContext:
                 hmap.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
             self._hmap = hmap
         return hmap
+
+    def resp_headers(self) -> list[tuple[str, str]]:
+        """The response headers as a mutable list of (name, value), decoded on first use."""
+        raw = self.raw_response_headers
+        if raw is not None:
+            self.raw_response_headers = None
+            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
+            if self.resp_extra is not None:
+                self.resp_extra(self, headers)
+            headers += self.response_headers
+            self.response_headers = headers
+        return self.response_headers
 
     def consumer_changed(self) -> None:
         if self.consumer_hook is not None:
@@ -214,7 +232,7 @@ class RequestContext:
             val: Any = REDACTED if name in _REDACT else (values[0] if len(values) == 1 else values)
             req_headers[name] = val
         resp_headers: dict[str, Any] = {}
-        for name, value in self.response_headers:
+        for name, value in self.resp_headers():
             lname = name.lower()
             if lname in _REDACT:
                 resp_headers[lname] = REDACTED

@@ -200,33 +200,34 @@ class _Response:
 
     def get_header(self, name: str) -> str | None:
         lname = name.lower()
-        for k, v in self._ctx.response_headers:
+        for k, v in self._ctx.resp_headers():
             if k.lower() == lname:
                 return v
         return None
 
     def get_headers(self) -> list[tuple[str, str]]:
-        return list(self._ctx.response_headers)
+        return list(self._ctx.resp_headers())
 
     def set_header(self, name: str, value: str) -> None:
         _check_header(name, value)
         self.clear_header(name)
-        self._ctx.response_headers.append((name, value))
+        self._ctx.resp_headers().append((name, value))
 
     def add_header(self, name: str, value: str) -> None:
         _check_header(name, value)
-        self._ctx.response_headers.append((name, value))
+        self._ctx.resp_headers().append((name, value))
 
     def clear_header(self, name: str) -> None:
         lname = name.lower()
-        self._ctx.response_headers[:] = [(k, v) for k, v in self._ctx.response_headers if k.lower() != lname]
+        headers = self._ctx.resp_headers()
+        headers[:] = [(k, v) for k, v in headers if k.lower() != lname]
 
     def set_headers(self, headers: Mapping[str, str]) -> None:
         """Set several headers in one pass over the response headers."""
         for k, v in headers.items():
             _check_header(k, v)
         replaced = {k.lower() for k in headers}
-        current = self._ctx.response_headers
+        current = self._ctx.resp_headers()
         current[:] = [(k, v) for k, v in current if k.lower() not in replaced]
         current.extend(headers.items())
 
@@ -291,18 +292,61 @@ class _Log:
 
 
 class PDK:
-    """The `kong` object handed to every phase hook."""
+    """The `kong` object handed to every phase hook. Its namespaces are created on first use."""
 
-    __slots__ = ("client", "ctx", "log", "request", "response", "router", "service")
+    __slots__ = ("_client", "_ctx", "_log", "_request", "_response", "_router", "_service", "ctx")
 
     def __init__(self, ctx: RequestContext) -> None:
-        self.request = _Request(ctx)
-        self.client = _Client(ctx)
-        self.service = _Service(ctx)
-        self.response = _Response(ctx)
-        self.router = _Router(ctx)
+        self._ctx = ctx
         self.ctx = _Ctx(ctx.shared)
-        self.log = _Log(ctx)
+        self._request: _Request | None = None
+        self._client: _Client | None = None
+        self._service: _Service | None = None
+        self._response: _Response | None = None
+        self._router: _Router | None = None
+        self._log: _Log | None = None
+
+    @property
+    def request(self) -> _Request:
+        ns = self._request
+        if ns is None:
+            ns = self._request = _Request(self._ctx)
+        return ns
+
+    @property
+    def client(self) -> _Client:
+        ns = self._client
+        if ns is None:
+            ns = self._client = _Client(self._ctx)
+        return ns
+
+    @property
+    def service(self) -> _Service:
+        ns = self._service
+        if ns is None:
+            ns = self._service = _Service(self._ctx)
+        return ns
+
+    @property
+    def response(self) -> _Response:
+        ns = self._response
+        if ns is None:
+            ns = self._response = _Response(self._ctx)
+        return ns
+
+    @property
+    def router(self) -> _Router:
+        ns = self._router
+        if ns is None:
+            ns = self._router = _Router(self._ctx)
+        return ns
+
+    @property
+    def log(self) -> _Log:
+        ns = self._log
+        if ns is None:
+            ns = self._log = _Log(self._ctx)
+        return ns
 
     def for_plugin(self, instance_id: str) -> PDK:
         """Point `kong.ctx.plugin` at one plugin instance's own dict (called by the pipeline)."""

@@ -807,13 +807,21 @@ class Gateway:
         else:
             framing = b""
             ctx.keep_alive = False  # HTTP/1.0 client: a close-delimited body
-        if chain is not None and chain.header_filter:
-            if not headers_done:
-                self._response_headers(ctx, exchange)
-                self._header_filter_sync(ctx, chain)
+        if headers_done:  # async header filters already worked on the decoded list
             head = self._response_head(ctx, ctx.response_status, ctx.response_headers, framing)
         else:
-            head = self._fast_response_head(ctx, status, raw_headers, framing)
+            filtered = _filter_response_headers(raw_headers)
+            # Decoded only if a plugin (or the log phase) looks at them: see `resp_headers`.
+            ctx.raw_response_headers = filtered
+            ctx.resp_extra = self._add_gateway_headers
+            ctx.response_headers = []
+            if chain is not None and chain.header_filter:
+                self._header_filter_sync(ctx, chain)
+            if ctx.raw_response_headers is None:
+                # A plugin read or changed the headers: write the list it worked on.
+                head = self._response_head(ctx, ctx.response_status, ctx.response_headers, framing)
+            else:
+                head = self._fast_response_head(ctx, status, filtered, framing)
         exchange.filters = filters
         exchange.ready = True
         exchange.out.append(head)
@@ -827,11 +835,12 @@ class Gateway:
     def _fast_response_head(
         self, ctx: RequestContext, status: int, raw_headers: list[tuple[bytes, bytes]], framing: bytes
     ) -> bytes:
-        """The response head straight from the upstream's bytes (no header_filter plugins)."""
+        """The response head straight from the upstream's (filtered) header bytes, when no plugin
+        read or changed them."""
         out = [
             _STATUS_LINES.get(status) or f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n".encode()
         ]
-        for name, value in _filter_response_headers(raw_headers):
+        for name, value in raw_headers:
             out += (name, b": ", value, b"\r\n")
         if self.latency_tokens:
             up = ctx.t_upstream_start
