@@ -9,10 +9,11 @@ path and status are logged, never headers). JSON lines carry Kong's `kong.log.se
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import IO, TYPE_CHECKING
+
+import orjson
 
 if TYPE_CHECKING:
     from fhirgate.gateway.context import RequestContext
@@ -41,7 +42,7 @@ class AccessLog:
             upstream_uri = record.get("upstream_uri")
             if isinstance(upstream_uri, str):  # the query as sent upstream (perhaps rewritten)
                 record["upstream_uri"] = upstream_uri.split("?", 1)[0]
-            line = json.dumps(record, separators=(",", ":"))
+            line = orjson.dumps(record, default=str).decode()
         else:
             ts = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(ctx.t_start))
             ua = ctx.header_map().get("user-agent", ["-"])[0].replace('"', "'")

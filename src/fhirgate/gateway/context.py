@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from urllib.parse import parse_qsl
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class RequestContext:
         "request_id",
         "request_size",
         "resp_extra",
+        "resp_set",
         "response_headers",
         "response_size",
         "response_source",
@@ -124,6 +126,8 @@ class RequestContext:
         # so a header_filter that does not touch them costs nothing.
         self.raw_response_headers: list[tuple[bytes, bytes]] | None = None
         self.resp_extra: Callable[[RequestContext, list[tuple[str, str]]], None] | None = None
+        # Headers set by plugins while the upstream's are still undecoded (lower name -> header).
+        self.resp_set: dict[str, tuple[str, str]] | None = None
         self.response_size = 0
         self.response_source = "service"
         self.response_status = 0
@@ -164,6 +168,11 @@ class RequestContext:
             headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
             if self.resp_extra is not None:
                 self.resp_extra(self, headers)
+            overlay = self.resp_set
+            if overlay:
+                self.resp_set = None
+                headers = [(k, v) for k, v in headers if k.lower() not in overlay]
+                headers += overlay.values()
             headers += self.response_headers
             self.response_headers = headers
         return self.response_headers
@@ -298,9 +307,9 @@ class RequestContext:
 
 
 def _querystring(query: str) -> dict[str, Any]:
-    from urllib.parse import parse_qsl
-
     out: dict[str, Any] = {}
+    if not query:
+        return out
     for key, value in parse_qsl(query, keep_blank_values=True):
         v: Any = value if value != "" else True
         if key in out:

@@ -210,8 +210,16 @@ class _Response:
 
     def set_header(self, name: str, value: str) -> None:
         _check_header(name, value)
+        ctx = self._ctx
+        if ctx.raw_response_headers is not None:
+            # The upstream's headers are not decoded yet: note the change, apply it when writing.
+            overlay = ctx.resp_set
+            if overlay is None:
+                overlay = ctx.resp_set = {}
+            overlay[name.lower()] = (name, value)
+            return
         self.clear_header(name)
-        self._ctx.resp_headers().append((name, value))
+        ctx.resp_headers().append((name, value))
 
     def add_header(self, name: str, value: str) -> None:
         _check_header(name, value)
@@ -226,6 +234,14 @@ class _Response:
         """Set several headers in one pass over the response headers."""
         for k, v in headers.items():
             _check_header(k, v)
+        ctx = self._ctx
+        if ctx.raw_response_headers is not None:
+            overlay = ctx.resp_set
+            if overlay is None:
+                overlay = ctx.resp_set = {}
+            for k, v in headers.items():
+                overlay[k.lower()] = (k, v)
+            return
         replaced = {k.lower() for k in headers}
         current = self._ctx.resp_headers()
         current[:] = [(k, v) for k, v in current if k.lower() not in replaced]

@@ -817,10 +817,17 @@ class Gateway:
             ctx.response_headers = []
             if chain is not None and chain.header_filter:
                 self._header_filter_sync(ctx, chain)
+            overlay = ctx.resp_set
+            if overlay and ctx.raw_response_headers is not None and not _GATEWAY_HEADERS.isdisjoint(overlay):
+                ctx.resp_headers()  # a plugin overrides a gateway header: take the general path
             if ctx.raw_response_headers is None:
                 # A plugin read or changed the headers: write the list it worked on.
                 head = self._response_head(ctx, ctx.response_status, ctx.response_headers, framing)
             else:
+                if overlay:
+                    names = {k.encode("latin-1") for k in overlay}
+                    filtered = [(k, v) for k, v in filtered if k.lower() not in names]
+                    filtered += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in overlay.values()]
                 head = self._fast_response_head(ctx, status, filtered, framing)
         exchange.filters = filters
         exchange.ready = True
@@ -979,6 +986,8 @@ class Gateway:
                 self._header_filter_sync(ctx, chain)
             except GatewayExit:
                 pass  # a response is already being produced
+            except Exception:
+                log.exception("a header_filter hook failed while answering %s", status)
         self._write_exit(ctx, status, body)
 
     async def _exit_async(self, ctx: RequestContext, body: bytes) -> None:
@@ -1105,5 +1114,8 @@ def _filter_response_headers(raw_headers: list[tuple[bytes, bytes]]) -> list[tup
     return out
 
 
+_GATEWAY_HEADERS = frozenset(
+    {"via", "x-fhirgate-upstream-latency", "x-fhirgate-proxy-latency", "x-fhirgate-request-id"}
+)
 _SWEEP_INTERVAL = 0.05
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}

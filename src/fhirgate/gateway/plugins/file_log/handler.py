@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 from typing import TYPE_CHECKING, ClassVar, cast
+
+import orjson
 
 from fhirgate.gateway.plugins.base import Plugin, PluginConfig
 from fhirgate.gateway.plugins.file_log.schema import FileLogConfig
@@ -30,7 +31,6 @@ _FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 _MODE = 0o644  # Kong: S_IRUSR | S_IWUSR | S_IRGRP | S_IROTH
 _BATCH = 64 * 1024
 _FLUSH_EVERY = 0.05  # seconds
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
 
 
 class LineWriter:
@@ -129,8 +129,7 @@ class Handler(Plugin):
 
     def log(self, kong: PDK) -> None:
         record = kong.log.serialize()
-        line = _ENCODER.encode(record) + "\n"
-        self.writer.put(line.encode("utf-8", "surrogateescape"))
+        self.writer.put(orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE))
 
     def close(self) -> None:
         self.writer.close()
