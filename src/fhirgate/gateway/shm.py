@@ -95,7 +95,9 @@ class CounterTable:
         current time (epoch seconds; slots that expired by then may be reclaimed). Returns the usage of
         each window before this request and whether the request was admitted; when any window's
         usage has reached its limit nothing is incremented (a refused request does not count)."""
-        if not self._lock.acquire(timeout=_LOCK_TIMEOUT):
+        lock = self._lock
+        # Uncontended (the usual case): no deadline to compute.
+        if not lock.acquire(False) and not lock.acquire(timeout=_LOCK_TIMEOUT):
             raise SharedMemoryError("the shared counter table is locked (a worker died holding it?)")
         try:
             cells = self._cells

@@ -47,6 +47,8 @@ RETRY_AFTER = "Retry-After"
 X_RATELIMIT_LIMIT = {p: f"X-RateLimit-Limit-{p.capitalize()}" for p in PERIODS}
 X_RATELIMIT_REMAINING = {p: f"X-RateLimit-Remaining-{p.capitalize()}" for p in PERIODS}
 
+_KEY_CACHE = 10_000  # identifiers whose counter keys are remembered (per worker)
+
 _windows_cache: tuple[int, tuple[int, ...], tuple[int, ...]] = (-1, (), ())
 
 
@@ -98,6 +100,9 @@ class Handler(Plugin):
         self.conf = cast(RateLimitingConfig, config)
         self._limits = self.conf.limits()
         self._scope = instance_id or repr(sorted(self.conf.model_dump().items()))
+        # Computed once, not per request: counter keys per identifier, header texts per period.
+        self._keys: dict[str, list[int]] = {}
+        self._limit_text = [_num(limit) for _i, _period, limit in self._limits]
 
     def _identifier(self, kong: PDK) -> str:
         """Kong's `get_identifier`: the client IP when the configured entity is missing."""
@@ -123,9 +128,16 @@ class Handler(Plugin):
         conf = self.conf
         now = int(clock.now())
         starts, ends = windows(now)
-        base = counter_key(self._scope, self._identifier(kong))
+        identifier = self._identifier(kong)
         limits = self._limits
-        counters = [(derive_key(base, i), starts[i], ends[i], limit) for i, _, limit in limits]
+        keys = self._keys.get(identifier)
+        if keys is None:
+            base = counter_key(self._scope, identifier)
+            keys = [derive_key(base, i) for i, _, _ in limits]
+            if len(self._keys) >= _KEY_CACHE:
+                self._keys.clear()
+            self._keys[identifier] = keys
+        counters = [(key, starts[i], ends[i], limit) for key, (i, _, limit) in zip(keys, limits, strict=True)]
         try:
             usage, admitted = node_counters().hit(counters, now)
         except SharedMemoryError as exc:
@@ -144,7 +156,7 @@ class Handler(Plugin):
         best_window = 0
         reset = 0
         chosen = False
-        for (i, period, limit), used in zip(limits, usage, strict=True):
+        for (i, period, limit), used, limit_text in zip(limits, usage, self._limit_text, strict=True):
             remaining = limit - used
             if admitted or remaining <= 0:
                 remaining -= 1  # this request
@@ -158,7 +170,7 @@ class Handler(Plugin):
                 chosen = True
                 best_limit, best_remaining, best_window = limit, remaining, window
                 reset = max(1, window - (now - starts[i]))
-            headers[X_RATELIMIT_LIMIT[period]] = _num(limit)
+            headers[X_RATELIMIT_LIMIT[period]] = limit_text
             headers[X_RATELIMIT_REMAINING[period]] = _num(remaining)
         headers[RATELIMIT_LIMIT] = _num(best_limit)
         headers[RATELIMIT_REMAINING] = _num(best_remaining)
