@@ -1044,7 +1044,7 @@ def bench(
 
     report = build_report(args, targets, started, nginx, wrk, wrk_example, body)
     print_report(report)
-    write_results(args.results_dir, report)
+    write_results(args.results_dir, report, tmp)
     return 0
 
 
@@ -1321,9 +1321,30 @@ def print_report(report: dict[str, Any]) -> None:
     )
 
 
-def write_results(results_dir: Path, report: dict[str, Any]) -> None:
+def _portable(value: Any, replacements: list[tuple[str, str]]) -> Any:
+    """The report without this machine's own paths (temp dir, interpreter, tool locations)."""
+    if isinstance(value, dict):
+        return {k: _portable(v, replacements) for k, v in value.items() if k != "hostname"}
+    if isinstance(value, list):
+        return [_portable(v, replacements) for v in value]
+    if isinstance(value, str):
+        for old, new in replacements:
+            value = value.replace(old, new)
+        return value
+    return value
+
+
+def write_results(results_dir: Path, report: dict[str, Any], tmp: Path | None = None) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     json_path = results_dir / "latest.json"
+    replacements = [(sys.executable, "python")]
+    if tmp is not None:
+        replacements.append((str(tmp), "$TMP"))
+    for tool in ("nginx", "wrk"):
+        found = shutil.which(tool)
+        if found:
+            replacements.append((found, tool))
+    report = _portable(report, replacements)
     json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     say(f"wrote {json_path}")
     try:

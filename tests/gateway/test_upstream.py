@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -196,3 +197,25 @@ def test_keep_alive_client_survives_a_gateway_refusal(upstream: Upstream) -> Non
         assert c.get(gw.url + "/fhir/a").status_code == 200
         assert c.get(gw.url + "/nope").status_code == 404
     assert upstream.connections == 1
+
+
+def test_connect_failures_are_retried_as_configured(tmp_path) -> None:
+    log = tmp_path / "access.json"
+    config = service_config(f"http://127.0.0.1:{_free_port()}")
+    config["services"][0]["retries"] = 2
+    with running_gateway(config, proxy_access_log=str(log), log_format="json") as gw:
+        r = httpx.get(gw.url + "/x")
+        assert r.status_code == 502
+        assert _wait(lambda: log.exists() and log.read_text().strip() != "")
+    record = json.loads(log.read_text().splitlines()[0])
+    assert len(record["tries"]) == 3  # the first attempt and 2 retries
+
+
+def test_retries_zero_means_one_attempt(tmp_path) -> None:
+    log = tmp_path / "access.json"
+    config = service_config(f"http://127.0.0.1:{_free_port()}")
+    config["services"][0]["retries"] = 0
+    with running_gateway(config, proxy_access_log=str(log), log_format="json") as gw:
+        assert httpx.get(gw.url + "/x").status_code == 502
+        assert _wait(lambda: log.exists() and log.read_text().strip() != "")
+    assert len(json.loads(log.read_text().splitlines()[0])["tries"]) == 1

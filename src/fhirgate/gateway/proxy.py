@@ -75,18 +75,6 @@ _FORWARDED = frozenset(
     }
 )
 _NONE: frozenset[bytes] = frozenset()
-_RESP_DROP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-    }
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +150,7 @@ class Exchange:
         "chunked_out",
         "client",
         "complete",
+        "content_length",
         "ctx",
         "error",
         "filters",
@@ -196,6 +185,7 @@ class Exchange:
         self.reused = reused
         self.head: tuple[int, list[tuple[bytes, bytes]]] | None = None
         self.keep_alive = False
+        self.content_length: bytes | None = None
         self.body_chunks: list[bytes] = []
         self.out: list[bytes] = []
         self.complete = False
@@ -222,10 +212,17 @@ class Exchange:
             self.upstream.write(chunk)
 
     # --- upstream callbacks ----------------------------------------------------------------
-    def on_upstream_head(self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+    def on_upstream_head(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        content_length: bytes | None,
+    ) -> None:
         self.last_activity = self.loop.time()
         self.ctx.t_upstream_end_headers = clock.now()
-        self.head = (status, headers)
+        self.head = (status, headers)  # end-to-end headers only
+        self.content_length = content_length
         self.keep_alive = keep_alive
         self.gateway.on_head(self)
 
@@ -765,7 +762,7 @@ class Gateway:
         assert exchange.head is not None
         status, raw_headers = exchange.head
         headers: list[tuple[str, str]] = []
-        for bname, bvalue in _filter_response_headers(raw_headers):
+        for bname, bvalue in raw_headers:
             headers.append((bname.decode("latin-1"), bvalue.decode("latin-1")))
         self._add_gateway_headers(ctx, headers)
         ctx.response_headers = headers
@@ -791,10 +788,7 @@ class Gateway:
         ctx.response_status = status
         ctx.response_source = "service"
         chain = ctx.chain
-        content_length: bytes | None = None
-        for name, value in raw_headers:
-            if len(name) == 14 and name.lower() == b"content-length":
-                content_length = value
+        content_length = exchange.content_length
         filters = chain.body_filter if chain is not None else []
         no_body = ctx.method == "HEAD" or status in (204, 304) or status < 200
         if no_body:
@@ -810,7 +804,7 @@ class Gateway:
         if headers_done:  # async header filters already worked on the decoded list
             head = self._response_head(ctx, ctx.response_status, ctx.response_headers, framing)
         else:
-            filtered = _filter_response_headers(raw_headers)
+            filtered = raw_headers
             # Decoded only if a plugin (or the log phase) looks at them: see `resp_headers`.
             ctx.raw_response_headers = filtered
             ctx.resp_extra = self._add_gateway_headers
@@ -1095,23 +1089,6 @@ class Gateway:
 class _NeedsAsync(Exception):
     def __init__(self, steps: list[Step]) -> None:
         self.steps = steps
-
-
-def _filter_response_headers(raw_headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Drop hop-by-hop fields (and those named by Connection) and Content-Length (re-framed)."""
-    conn_named: set[bytes] | None = None
-    out: list[tuple[bytes, bytes]] = []
-    for name, value in raw_headers:
-        lname = name.lower()
-        if lname in _RESP_DROP:
-            if lname == b"connection":
-                conn_named = conn_named or set()
-                conn_named.update(t.strip().lower() for t in value.split(b","))
-            continue
-        out.append((name, value))
-    if conn_named:
-        out = [(k, v) for k, v in out if k.lower() not in conn_named]
-    return out
 
 
 _GATEWAY_HEADERS = frozenset(

@@ -22,13 +22,61 @@ from fhirgate import clock
 class ExchangeSink(Protocol):
     """Receives what the upstream sends for one request (implemented by the proxy)."""
 
-    def on_upstream_head(self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None: ...
+    def on_upstream_head(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        content_length: bytes | None,
+    ) -> None: ...
     def on_upstream_body(self, chunk: bytes) -> None: ...
     def on_upstream_complete(self) -> None: ...
     def on_upstream_error(self, exc: BaseException) -> None: ...
     def flush(self) -> None: ...
     def on_upstream_pause_writing(self) -> None: ...
     def on_upstream_resume_writing(self) -> None: ...
+
+
+# RFC 9110 7.6.1 hop-by-hop fields, and the framing the gateway sets itself.
+_RESPONSE_DROP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+    }
+)
+
+
+def end_to_end_headers(
+    headers: list[tuple[bytes, bytes]],
+) -> tuple[list[tuple[bytes, bytes]], bytes | None, bool]:
+    """One pass over a response's headers: the end-to-end ones (hop-by-hop fields and those named
+    by `Connection` dropped, framing removed: the gateway re-frames), the Content-Length value and
+    whether the body is chunked."""
+    out: list[tuple[bytes, bytes]] = []
+    content_length: bytes | None = None
+    chunked = False
+    conn_named: set[bytes] | None = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _RESPONSE_DROP:
+            if lname == b"content-length":
+                content_length = value
+            elif lname == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif lname == b"connection":
+                conn_named = conn_named or set()
+                conn_named.update(t.strip().lower() for t in value.split(b","))
+            continue
+        out.append((name, value))
+    if conn_named:
+        out = [(k, v) for k, v in out if k.lower() not in conn_named]
+    return out, content_length, chunked
 
 
 class UpstreamResponseError(Exception):
@@ -143,16 +191,12 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is None:
             return
         keep_alive = bool(self._parser.should_keep_alive())
-        close_delimited = True
-        for name, value in self._headers:
-            lname = name.lower()
-            if lname == b"content-length" or (lname == b"transfer-encoding" and b"chunked" in value.lower()):
-                close_delimited = False
-                break
-        if status in (204, 304) or self.head_only:
-            close_delimited = False
+        headers, content_length, chunked = end_to_end_headers(self._headers)
+        close_delimited = (
+            content_length is None and not chunked and status not in (204, 304) and not self.head_only
+        )
         self.close_delimited = close_delimited
-        sink.on_upstream_head(status, self._headers, keep_alive and not close_delimited)
+        sink.on_upstream_head(status, headers, keep_alive and not close_delimited, content_length)
         if self.head_only:
             # A response to HEAD has no body whatever its Content-Length says (RFC 9110 9.3.2).
             self._finish(sink)
