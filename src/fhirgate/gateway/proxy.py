@@ -1058,6 +1058,8 @@ class Gateway:
         chain = ctx.chain
         if (chain is not None and chain.log) or self.access_log is not None:
             self.loop.call_soon(self._log_phase, ctx, chain)
+        else:
+            ctx.pdk = None  # PDK <-> context is a cycle: break it so refcounting frees both
         self.active.discard(ctx)
         if self.draining and not self.active and self.on_idle is not None:
             self.loop.call_soon(self.on_idle)
@@ -1073,6 +1075,7 @@ class Gateway:
                     log.exception("plugin %s failed in the log phase", step.spec.name)
         if self.access_log is not None:
             self.access_log.write(ctx)
+        ctx.pdk = None  # PDK <-> context is a cycle: break it so refcounting frees both
 
     # --- lifecycle -------------------------------------------------------------------------
     def in_flight(self) -> int:
