@@ -404,14 +404,10 @@ class Gateway:
                     return
                 self._access_sync(ctx, pipeline, chain)
             self._forward(ctx)
-        except GatewayExit as exc:
-            self._exit(ctx, exc)
         except _NeedsAsync as more:
             self._spawn(self._continue_async(ctx, more.steps))
-        except _ClientGone:
-            self._finalize(ctx)
-        except Exception:
-            self._crash(ctx)
+        except Exception as exc:
+            self._settle(ctx, exc)
 
     async def _continue_async(self, ctx: RequestContext, steps: list[Step]) -> None:
         """The consumer's chain brought async access hooks: finish the access phase in a task."""
@@ -421,12 +417,8 @@ class Gateway:
                 if step.is_async:
                     await res
             self._forward(ctx)
-        except GatewayExit as exc:
-            self._exit(ctx, exc)
-        except _ClientGone:
-            self._finalize(ctx)
-        except Exception:
-            self._crash(ctx)
+        except Exception as exc:
+            self._settle(ctx, exc)
 
     async def _handle_async(self, ctx: RequestContext, rewrite: bool) -> None:
         """The same steps as `handle`, for configurations with async rewrite/access hooks."""
@@ -442,12 +434,8 @@ class Gateway:
             if chain is not None and chain.access:
                 await self._access_async(ctx, state.pipeline, chain)
             self._forward(ctx)
-        except GatewayExit as exc:
-            self._exit(ctx, exc)
-        except _ClientGone:
-            self._finalize(ctx)
-        except Exception:
-            self._crash(ctx)
+        except Exception as exc:
+            self._settle(ctx, exc)
 
     def _route(self, ctx: RequestContext, state: GatewayState) -> Chain | None:
         match = state.router.match(
@@ -630,12 +618,8 @@ class Gateway:
                 self.pool.release(conn)
                 raise ctx.body_error
             self._send(ctx, target, conn, reused=False)
-        except GatewayExit as exc:
-            self._exit(ctx, exc)
-        except _ClientGone:
-            self._finalize(ctx)
-        except Exception:
-            self._crash(ctx)
+        except Exception as exc:
+            self._settle(ctx, exc)
 
     def _send(
         self, ctx: RequestContext, target: UpstreamTarget, conn: UpstreamConnection, reused: bool
@@ -1008,6 +992,16 @@ class Gateway:
         client.write(head if no_body else head + body)
         self._finalize(ctx)
         client.request_done(ctx, close=not ctx.keep_alive)
+
+    def _settle(self, ctx: RequestContext, exc: Exception) -> None:
+        """Where a request whose processing raised ends: an exit is answered, a gone client is
+        finalized, anything else is a 500 (call from the `except` block, for the traceback)."""
+        if isinstance(exc, GatewayExit):
+            self._exit(ctx, exc)
+        elif isinstance(exc, _ClientGone):
+            self._finalize(ctx)
+        else:
+            self._crash(ctx)
 
     def _crash(self, ctx: RequestContext) -> None:
         log.exception("unexpected error handling %s %s", ctx.method, ctx.raw_path)
