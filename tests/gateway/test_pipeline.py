@@ -50,6 +50,9 @@ class Early(Plugin):
     priority: ClassVar[int] = 5000
     Config: ClassVar[type[PluginConfig]] = TagConfig
 
+    def rewrite(self, kong: PDK) -> None:
+        EVENTS.append("rewrite:early")
+
     def access(self, kong: PDK) -> None:
         EVENTS.append("access:early")
         kong.ctx.shared["seen_by_early"] = True
@@ -199,11 +202,15 @@ def test_rewrite_runs_for_global_plugins_only(upstream: Upstream) -> None:
         upstream,
         [{"name": "tagger", "config": {"tag": "g"}}, {"name": "early", "route": "a"}],
     )
-    config["plugins"].append({"name": "late", "service": "svc"})
     with running_gateway(config) as gw:
-        httpx.get(gw.url + "/nowhere")  # no route: only rewrite runs, then 404
+        assert httpx.get(gw.url + "/nowhere").status_code == 404  # rewrite runs before routing
+        assert EVENTS == ["rewrite:g"]
+        EVENTS.clear()
         httpx.get(gw.url + "/a")
+    # The route-scoped plugin's rewrite hook never runs (Kong: rewrite is for global plugins);
+    # its access hook does.
     assert EVENTS[0] == "rewrite:g"
+    assert "rewrite:early" not in EVENTS
     assert "access:early" in EVENTS
 
 
