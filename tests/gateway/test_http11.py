@@ -309,3 +309,23 @@ def test_response_body_json_is_passed_unchanged(upstream: Upstream) -> None:
         r = httpx.get(gw.url + "/fhir/Patient/1")
     assert r.headers["content-type"] == "application/fhir+json"
     assert r.json() == patient
+
+
+def test_forwarded_prefix_is_the_stripped_path(upstream: Upstream) -> None:
+    with running_gateway(service_config(upstream.url, paths=["/fhir"])) as gw, httpx.Client() as c:
+        c.get(gw.url + "/fhir/Patient/1")
+        c.get(gw.url + "/fhir/Patient/1", headers={"X-Forwarded-Prefix": "/evil"})  # untrusted: ignored
+    assert [r.header("x-forwarded-prefix") for r in upstream.requests] == ["/fhir", "/fhir"]
+
+
+def test_no_forwarded_prefix_without_strip_path(upstream: Upstream) -> None:
+    with running_gateway(service_config(upstream.url, paths=["/fhir"], strip_path=False)) as gw:
+        httpx.get(gw.url + "/fhir/Patient/1")
+    assert upstream.requests[0].header("x-forwarded-prefix") is None
+    assert upstream.requests[0].target == "/fhir/Patient/1"
+
+
+def test_via_is_appended_to_the_clients(upstream: Upstream) -> None:
+    with running_gateway(service_config(upstream.url)) as gw:
+        httpx.get(gw.url + "/p", headers={"Via": "1.1 corporate-proxy"})
+    assert upstream.requests[0].header_all("via") == ["1.1 corporate-proxy, 1.1 fhirgate/0.1.0"]

@@ -52,6 +52,7 @@ class RequestContext:
         "http_version",
         "keep_alive",
         "listener_port",
+        "matched_prefix",
         "method",
         "n_tries",
         "path",
@@ -113,6 +114,7 @@ class RequestContext:
         self.http_version = "1.1"
         self.keep_alive = True
         self.listener_port = 0
+        self.matched_prefix: str | None = None
         self.method = "GET"
         self.n_tries = 0
         self.path = "/"

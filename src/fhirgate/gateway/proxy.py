@@ -450,6 +450,8 @@ class Gateway:
         ctx.route = route = match.route
         ctx.service = service = match.service
         ctx.upstream_path = match.upstream_path
+        if route.strip_path:
+            ctx.matched_prefix = match.matched_path  # what was stripped (X-Forwarded-Prefix)
         if state.pipeline.empty:
             return None
         chain = state.pipeline.chain(route.id, service.id if service is not None else None)
@@ -527,9 +529,13 @@ class Gateway:
                 conn_named = conn_named | {t.strip().lower() for t in value.split(b",")}
         trusted = bool(self._trusted) and self.is_trusted(ctx.client_ip)
         fwd: dict[bytes, bytes] = {}
+        via: bytes | None = None
         for name, value in ctx.headers:
             lname = name.lower()
             if lname in _HOP_BY_HOP or lname in conn_named:
+                continue
+            if lname == b"via" and self._via:
+                via = value if via is None else via + b", " + value
                 continue
             if lname in _FORWARDED:
                 if trusted and lname not in fwd:
@@ -555,14 +561,18 @@ class Gateway:
             b"\r\nX-Forwarded-Port: ",
             fwd.get(b"x-forwarded-port") or str(ctx.listener_port).encode(),
             b"\r\nX-Forwarded-Path: ",
-            fwd.get(b"x-forwarded-path") or ctx.path.encode("latin-1"),
+            fwd.get(b"x-forwarded-path") or ctx.raw_path.encode("latin-1"),
             b"\r\n",
         )
+        # Kong: the trusted client's value, else the prefix strip_path removed (unless "/").
         prefix = fwd.get(b"x-forwarded-prefix")
+        if prefix is None and ctx.matched_prefix and ctx.matched_prefix != "/":
+            prefix = ctx.matched_prefix.encode("latin-1")
         if prefix:
             out += (b"X-Forwarded-Prefix: ", prefix, b"\r\n")
         if self._via:
-            out += (b"Via: ", self._via, b"\r\n")
+            # RFC 9110 7.6.3: each proxy appends itself to Via.
+            out += (b"Via: ", via + b", " + self._via if via else self._via, b"\r\n")
         if ctx.chunked:
             out.append(b"Transfer-Encoding: chunked\r\n")
         elif ctx.content_length is not None:
