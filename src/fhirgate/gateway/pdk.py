@@ -134,6 +134,17 @@ class _Client:
         self._ctx.credential = credential
         self._ctx.consumer_changed()
 
+    def load_consumer(self, id_or_username: str, search_by_username: bool = True) -> Any:
+        """The consumer with this id (or, if allowed, this username) in the request's
+        configuration, or None (Kong's `kong.client.load_consumer`)."""
+        state = self._ctx.state
+        if state is None:
+            return None
+        consumer = state.consumers.get(id_or_username)
+        if consumer is not None and not search_by_username and consumer.id != id_or_username:
+            return None
+        return consumer
+
 
 class _ServiceRequest:
     """`kong.service.request`: change what is sent upstream."""

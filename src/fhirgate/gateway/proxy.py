@@ -102,8 +102,15 @@ class GatewayState:
             if not p.enabled:
                 continue
             handler = p.plugin_class(p.config, p.id)
+            handler.bind_config(config)
             specs.append(PluginSpec(p.id, p.name, p.route_id, p.service_id, p.consumer_id, handler))
         self.pipeline = Pipeline(specs)
+        # Consumers by id and by username (Kong's `kong.client.load_consumer`).
+        self.consumers: dict[str, Any] = {}
+        for consumer in config.consumers:
+            self.consumers[consumer.id] = consumer
+            if consumer.username:
+                self.consumers.setdefault(consumer.username, consumer)
         self.targets: dict[str, UpstreamTarget] = {}
         for svc in config.services:
             verify = svc.tls_verify is not False

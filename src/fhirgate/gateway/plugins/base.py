@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
+    from fhirgate.config import GatewayConfig
     from fhirgate.gateway.pdk import PDK
 
 PHASES = ("rewrite", "access", "header_filter", "body_filter", "log")
@@ -52,6 +53,10 @@ class Plugin:
     def __init__(self, config: PluginConfig, instance_id: str = "") -> None:
         self.config = config
         self.instance_id = instance_id
+
+    def bind_config(self, config: GatewayConfig) -> None:
+        """Called once when the configuration holding this instance is compiled, with the whole
+        configuration: build indexes here (e.g. credentials by key), never per request."""
 
     def init_worker(self) -> None:
         """Called once per worker process after the event loop starts."""
