@@ -76,6 +76,8 @@ def windows(now: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 def _num(value: float) -> str:
     """A number as Kong prints a Lua number in a header (`5`, not `5.0`)."""
+    if type(value) is int:
+        return str(value)
     return str(int(value)) if float(value).is_integer() else repr(value)
 
 
