@@ -221,7 +221,7 @@ class _Loader:
         if self.issues:
             raise ConfigError(self.issues, source=self.source)
         warnings = collect_warnings(self.services, self.routes, self.consumers, plugins)
-        return GatewayConfig(
+        config = GatewayConfig(
             format_version=version,
             services=tuple(s for _, s in self.services),
             routes=tuple(r for _, r in self.routes),
@@ -231,6 +231,26 @@ class _Loader:
             warnings=tuple(warnings),
             source=self.source,
         )
+        self._bind_plugins(config)
+        return config
+
+    def _bind_plugins(self, config: GatewayConfig) -> None:
+        """Checks that need the whole configuration (a plugin's credentials: duplicate keys,
+        unparseable public keys): each configured plugin's `bind_config`, run once here so that
+        `fhirgate config check` reports what the gateway would refuse at start."""
+        seen: set[type] = set()
+        issues: list[ConfigIssue] = []
+        for plugin in config.plugins:
+            cls = plugin.plugin_class
+            if cls in seen:
+                continue
+            seen.add(cls)
+            try:
+                cls(plugin.config, plugin.id).bind_config(config)
+            except ConfigError as exc:
+                issues += [i for i in exc.issues if i not in issues]
+        if issues:
+            raise ConfigError(issues, source=self.source)
 
     def _format_version(self, raw: object) -> str:
         if raw is None:

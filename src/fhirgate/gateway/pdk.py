@@ -167,6 +167,17 @@ class _ServiceRequest:
     def set_path(self, path: str) -> None:
         self._ctx.upstream_path = path
 
+    def set_raw_body(self, body: bytes) -> None:
+        """Replace the request body sent upstream (after `kong.request.get_raw_body()` has read
+        it whole). `Content-Length` follows the new body."""
+        ctx = self._ctx
+        if not ctx.body_complete:
+            raise RuntimeError("set_raw_body needs the whole body: await kong.request.get_raw_body() first")
+        ctx.body_buffer = [body] if body else []
+        ctx.body_buffered_size = len(body)
+        ctx.chunked = False
+        ctx.content_length = len(body)
+
     def set_raw_query(self, query: str) -> None:
         self._ctx.upstream_query = query
 

@@ -15,6 +15,8 @@ _BUILTIN: dict[str, str] = {
     "correlation-id": "correlation_id",
     "file-log": "file_log",
     "ip-restriction": "ip_restriction",
+    "jwt": "jwt",
+    "key-auth": "key_auth",
     "prometheus": "prometheus",
     "rate-limiting": "rate_limiting",
     "request-size-limiting": "request_size_limiting",

@@ -1,0 +1,1 @@
+"""Kong's `jwt` plugin."""

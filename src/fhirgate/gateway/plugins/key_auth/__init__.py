@@ -1,0 +1,1 @@
+"""Kong's `key-auth` plugin."""
