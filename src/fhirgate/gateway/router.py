@@ -270,6 +270,7 @@ class Router:
         candidates.sort(key=lambda c: (tuple(-p for p in c.priority), c.order))
         self._candidates: tuple[_Candidate, ...] = tuple(candidates)
         self._uses_headers = any(c.header_rules for c in candidates)
+        self._uses_hosts = any(c.hosts is not None for c in candidates)
         self._uses_ports_or_snis = any(
             c.snis is not None or (c.hosts is not None and any(h.port is not None for h in c.hosts))
             for c in candidates
@@ -305,17 +306,20 @@ class Router:
         """
         cache = self._cache
         if cache is not None:
-            key: tuple[str, ...] = (
-                (method, host or "", path, scheme, sni or "")
-                if self._uses_ports_or_snis
-                else (method, host or "", path)
-            )
+            if self._uses_ports_or_snis:
+                key: tuple[str, ...] = (method, host or "", path, scheme, sni or "")
+            elif self._uses_hosts:
+                key = (method, host or "", path)
+            else:
+                key = (method, path)  # no route looks at the host: one entry serves every host
             hit = cache.get(key, _MISS)
             if hit is not _MISS:
                 return hit  # type: ignore[return-value]
             result = self._find(method, host, path, headers, scheme, sni)
             if len(cache) >= _CACHE_SIZE:
-                del cache[next(iter(cache))]
+                # Start afresh rather than evict one by one: deleting from the front of a dict
+                # makes the next `next(iter(dict))` scan the holes (O(n) per eviction).
+                cache.clear()
             cache[key] = result
             return result
         return self._find(method, host, path, headers, scheme, sni)
@@ -331,7 +335,7 @@ class Router:
     ) -> RouteMatch | None:
         host: str | None = None
         port: int | None = None
-        if raw_host:
+        if raw_host and self._uses_hosts:
             host, port = _split_host_port(raw_host.lower())
             if port is None:
                 port = 443 if scheme == "https" else 80
