@@ -17,6 +17,7 @@ _BUILTIN: dict[str, str] = {
     "ip-restriction": "ip_restriction",
     "jwt": "jwt",
     "key-auth": "key_auth",
+    "openid-connect": "openid_connect",
     "prometheus": "prometheus",
     "rate-limiting": "rate_limiting",
     "request-size-limiting": "request_size_limiting",
