@@ -50,7 +50,6 @@ class Chain:
     body_filter: list[Step] = field(default_factory=list)
     log: list[Step] = field(default_factory=list)
     any_async_header_filter: bool = False
-    access_async: bool = False
 
     @property
     def empty(self) -> bool:
@@ -118,7 +117,6 @@ class Pipeline:
             steps: list[Step] = getattr(chain, phase)
             steps.extend(st for s in chosen if (st := _step(s, phase)) is not None)
         chain.any_async_header_filter = any(st.is_async for st in chain.header_filter)
-        chain.access_async = any(st.is_async for st in chain.access)
         if len(self._cache) < 100_000:
             self._cache[key] = chain
         return chain

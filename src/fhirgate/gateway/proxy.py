@@ -28,6 +28,7 @@ from fhirgate.errors import (
 )
 from fhirgate.gateway import dialect
 from fhirgate.gateway.context import RequestContext
+from fhirgate.gateway.eager import run_eagerly
 from fhirgate.gateway.normalize import BadPathError, normalize_path
 from fhirgate.gateway.pdk import PDK
 from fhirgate.gateway.pipeline import Chain, Pipeline, PluginSpec, Step
@@ -406,23 +407,18 @@ class Gateway:
                     step.hook(self.pdk(ctx, step))
             chain = self._route(ctx, state)
             if chain is not None and chain.access:
-                if chain.access_async:
-                    self._spawn(self._handle_async(ctx, rewrite=False))
-                    return
                 self._access_sync(ctx, pipeline, chain)
             self._forward(ctx)
         except _NeedsAsync as more:
-            self._spawn(self._continue_async(ctx, more.steps))
+            self._spawn(self._continue_async(ctx, more))
         except Exception as exc:
             self._settle(ctx, exc)
 
-    async def _continue_async(self, ctx: RequestContext, steps: list[Step]) -> None:
-        """The consumer's chain brought async access hooks: finish the access phase in a task."""
+    async def _continue_async(self, ctx: RequestContext, more: _NeedsAsync) -> None:
+        """An async access hook had to wait: finish it, and the access phase, in a task."""
         try:
-            for step in steps:
-                res = step.hook(self.pdk(ctx, step))
-                if step.is_async:
-                    await res
+            await more.pending
+            await self._access_async(ctx, ctx.state.pipeline, more.steps, more.consumer, more.priority)
             self._forward(ctx)
         except Exception as exc:
             self._settle(ctx, exc)
@@ -439,7 +435,7 @@ class Gateway:
                 self._route(ctx, state)
             chain = ctx.chain
             if chain is not None and chain.access:
-                await self._access_async(ctx, state.pipeline, chain)
+                await self._access_async(ctx, state.pipeline, chain.access, None, None)
             self._forward(ctx)
         except Exception as exc:
             self._settle(ctx, exc)
@@ -490,22 +486,36 @@ class Gateway:
         return [s for s in chain.access if s.priority < done_priority]
 
     def _access_sync(self, ctx: RequestContext, pipeline: Pipeline, chain: Chain) -> None:
+        """The access phase without a task. An `async def` hook runs eagerly; if it has to wait,
+        `_NeedsAsync` carries it and the steps left to a task (`_continue_async`)."""
         steps = chain.access
         consumer = None
         i = 0
         while i < len(steps):
             step = steps[i]
-            step.hook(self.pdk(ctx, step))
+            res = step.hook(self.pdk(ctx, step))
             i += 1
+            if step.is_async:
+                pending = run_eagerly(res)
+                if pending is not None:
+                    raise _NeedsAsync(pending, steps[i:], consumer, step.priority)
             if ctx.consumer is not consumer and pipeline.has_consumer_scoped:
                 consumer = ctx.consumer
                 steps, i = self._rescope(ctx, pipeline, step.priority), 0
-                if any(s.is_async for s in steps):
-                    raise _NeedsAsync(steps)
 
-    async def _access_async(self, ctx: RequestContext, pipeline: Pipeline, chain: Chain) -> None:
-        steps = chain.access
-        consumer = None
+    async def _access_async(
+        self,
+        ctx: RequestContext,
+        pipeline: Pipeline,
+        steps: list[Step],
+        consumer: Any,
+        after_priority: int | None,
+    ) -> None:
+        """The rest of the access phase in a task; `after_priority` is the priority of a hook that
+        just finished waiting (the consumer it set re-scopes the chain, as in `_access_sync`)."""
+        if after_priority is not None and ctx.consumer is not consumer and pipeline.has_consumer_scoped:
+            consumer = ctx.consumer
+            steps = self._rescope(ctx, pipeline, after_priority)
         i = 0
         while i < len(steps):
             step = steps[i]
@@ -1101,8 +1111,15 @@ class Gateway:
 
 
 class _NeedsAsync(Exception):
-    def __init__(self, steps: list[Step]) -> None:
+    """An access hook has to wait: what is left of the access phase."""
+
+    def __init__(
+        self, pending: Coroutine[Any, Any, Any], steps: list[Step], consumer: Any, priority: int
+    ) -> None:
+        self.pending = pending
         self.steps = steps
+        self.consumer = consumer
+        self.priority = priority
 
 
 _GATEWAY_HEADERS = frozenset(
