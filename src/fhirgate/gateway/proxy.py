@@ -18,7 +18,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from fhirgate import __version__, clock
+from fhirgate import __version__
 from fhirgate.errors import (
     MSG_BAD_GATEWAY,
     MSG_NO_ROUTE,
@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("fhirgate.proxy")
 
 SERVER_TOKEN = f"fhirgate/{__version__}"
+# Request timings (latencies, log timestamps) read the wall clock directly: they measure, they do
+# not decide anything, so they need not follow an injected clock (`fhirgate.clock`).
+_now = time.time
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 # RFC 9110 7.6.1 hop-by-hop fields, plus Proxy-* (never forwarded) and the framing headers we
@@ -76,6 +79,9 @@ _FORWARDED = frozenset(
     }
 )
 _NONE: frozenset[bytes] = frozenset()
+# Lengths of the request header names the gateway removes or rewrites (hop-by-hop, forwarding,
+# Via): a name of another length needs no further look.
+_SPECIAL_LENGTHS = frozenset(len(n) for n in (*_HOP_BY_HOP, *_FORWARDED, b"via"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +234,7 @@ class Exchange:
         content_length: bytes | None,
     ) -> None:
         self.last_activity = self.loop.time()
-        self.ctx.t_upstream_end_headers = clock.now()
+        self.ctx.t_upstream_end_headers = _now()
         self.head = (status, headers)  # end-to-end headers only
         self.content_length = content_length
         self.keep_alive = keep_alive
@@ -548,6 +554,9 @@ class Gateway:
         fwd: dict[bytes, bytes] = {}
         via: bytes | None = None
         for name, value in ctx.headers:
+            if len(name) not in _SPECIAL_LENGTHS and not conn_named and not ops_names:
+                out += (name, b": ", value, b"\r\n")  # most headers: no lower(), no hashing
+                continue
             lname = name.lower()
             if lname in _HOP_BY_HOP or lname in conn_named:
                 continue
@@ -660,7 +669,7 @@ class Gateway:
             self._sweeper = self.loop.call_later(_SWEEP_INTERVAL, self._sweep)
         conn.begin(exchange, head_only=ctx.method == "HEAD")
         if not ctx.t_upstream_start:
-            ctx.t_upstream_start = clock.now()
+            ctx.t_upstream_start = _now()
         head = ctx.upstream_head
         if ctx.body_complete:
             body = ctx.body_buffer
@@ -976,7 +985,7 @@ class Gateway:
         if self.request_id_header and ctx.request_id:
             headers.append(("X-Fhirgate-Request-Id", ctx.request_id))
         if self.latency_tokens:
-            headers.append(("X-Fhirgate-Response-Latency", str(int((clock.now() - ctx.t_start) * 1000))))
+            headers.append(("X-Fhirgate-Response-Latency", str(int((_now() - ctx.t_start) * 1000))))
         # Headers a plugin set before exiting (e.g. CORS) are kept, as in Kong.
         ctx.response_headers = [*ctx.response_headers, *headers] if ctx.response_headers else headers
         exchange = self.exchanges.pop(ctx, None)
@@ -1075,7 +1084,7 @@ class Gateway:
             return
         ctx.finalized = True
         self.exchanges.pop(ctx, None)
-        ctx.t_end = clock.now()
+        ctx.t_end = _now()
         chain = ctx.chain
         if (chain is not None and chain.log) or self.access_log is not None:
             self.loop.call_soon(self._log_phase, ctx, chain)

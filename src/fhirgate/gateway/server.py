@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from fhirgate import clock
 from fhirgate.errors import (
     MSG_BAD_REQUEST,
     MSG_HEADERS_TOO_LARGE,
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fhirgate.server")
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_now = time.time  # request timings: see fhirgate.gateway.proxy
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 
 
 class _Refuse(Exception):
@@ -271,9 +273,10 @@ class ClientProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self.parser
         ctx = RequestContext()
-        ctx.t_start = clock.now()
+        ctx.t_start = _now()
         ctx.conn = self
-        ctx.method = parser.get_method().decode("ascii")
+        method = parser.get_method()
+        ctx.method = _METHODS.get(method) or method.decode("ascii")
         ctx.http_version = parser.get_http_version()
         # After an Upgrade request the bytes that follow are another protocol: serve it as a
         # plain request (Upgrade is hop-by-hop and never forwarded), then close.

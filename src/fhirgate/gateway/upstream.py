@@ -52,6 +52,9 @@ _RESPONSE_DROP = frozenset(
 )
 
 
+_RESPONSE_DROP_LENGTHS = frozenset(len(n) for n in _RESPONSE_DROP)
+
+
 def end_to_end_headers(
     headers: list[tuple[bytes, bytes]],
 ) -> tuple[list[tuple[bytes, bytes]], bytes | None, bool]:
@@ -63,6 +66,9 @@ def end_to_end_headers(
     chunked = False
     conn_named: set[bytes] | None = None
     for name, value in headers:
+        if len(name) not in _RESPONSE_DROP_LENGTHS:  # most headers: no lower(), no hashing
+            out.append((name, value))
+            continue
         lname = name.lower()
         if lname in _RESPONSE_DROP:
             if lname == b"content-length":
