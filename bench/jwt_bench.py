@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""JWT benchmark: fhirgate's `jwt` plugin (RS256) against nginx as a proxy and HAProxy's `jwt_verify`.
+"""JWT benchmark: fhirgate's `jwt` and `openid-connect` plugins (RS256) against nginx as a proxy and
+HAProxy's `jwt_verify`.
 
 One run starts the static FHIR upstream (nginx #1), nginx #2 as a plain reverse proxy, fhirgate with
 the `jwt` plugin (one consumer whose `jwt_secrets` credential holds an RS256 2048-bit public key,
-`claims_to_verify: [exp]`) and HAProxy 2.6 verifying the same tokens with `jwt_verify`, all in front
-of the same upstream; then it loads every target with wrk in alternating rounds after a warm-up:
+`claims_to_verify: [exp]`), a second fhirgate with `openid-connect` (issuer = a static nginx serving
+`/.well-known/openid-configuration` and `/jwks.json` on `ISSUER_PORT`, `audience_required` = the
+tokens' `aud`) and HAProxy 2.6 verifying the same tokens with `jwt_verify`, all in front of the same
+upstream; then it loads every target with wrk in alternating rounds after a warm-up:
 
 - with one token repeated (fhirgate: verified-token cache hits; HAProxy verifies every request),
 - with a distinct valid token per request (every request verified), from a set of pre-minted
@@ -31,6 +34,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -51,23 +55,47 @@ import proxy_bench as pb
 BENCH_DIR = pb.BENCH_DIR
 REQUEST_PATH = pb.REQUEST_PATH
 TOKEN_DIR = BENCH_DIR / "results" / "tmp" / "jwt-tokens"  # git-ignored (bench/results/tmp/)
-ISSUER = "fhirgate-bench-issuer"  # the `iss` claim = the credential's `key` (Kong's key_claim_name)
+# The `iss` claim: the credential's `key` for `jwt` (Kong's key_claim_name) and the issuer identifier
+# for `openid-connect`, whose discovery document is served on this fixed port (the tokens carry it, so
+# it cannot be a port picked at run time; if it is busy, the openid-connect targets are skipped).
+ISSUER_PORT = 47281
+ISSUER = f"http://127.0.0.1:{ISSUER_PORT}"
+AUDIENCE = "https://fhir.bench.fhirgate.test/r4"  # the `aud` claim = openid-connect's audience_required
 TOKEN_LIFETIME_S = 30 * 86400  # minted tokens stay valid 30 days; re-minted when fewer than 2 remain
 TOKEN_MIN_REMAINING_S = 2 * 86400
 DEFAULT_TOKENS = 300_000
 BASELINE = "nginx-proxy"
-HAPROXY_PEER = {"fhirgate-jwt-cached": "haproxy-jwt", "fhirgate-jwt-distinct": "haproxy-jwt-distinct"}
+HAPROXY_PEER = {
+    "fhirgate-jwt-cached": "haproxy-jwt",
+    "fhirgate-jwt-distinct": "haproxy-jwt-distinct",
+    "fhirgate-oidc-cached": "haproxy-jwt",
+    "fhirgate-oidc-distinct": "haproxy-jwt-distinct",
+}
 
-# Bars of issue 3, §5: (target, reference target, factor, label)
-BARS: tuple[tuple[str, str, float, str], ...] = (
-    ("fhirgate-jwt-cached", BASELINE, 0.7, "fhirgate jwt, one token (cached): req/s >= 0.7 x nginx proxy"),
-    ("fhirgate-jwt-cached", "haproxy-jwt", 1.0, "fhirgate jwt, one token (cached): req/s >= 1.0 x HAProxy"),
-    (
-        "fhirgate-jwt-distinct",
-        "haproxy-jwt-distinct",
-        0.8,
-        "fhirgate jwt, distinct tokens (uncached): req/s >= 0.8 x HAProxy (distinct tokens)",
-    ),
+# Bars of issue 3, §5 (for jwt and openid-connect alike): (target, reference target, factor, label)
+BARS: tuple[tuple[str, str, float, str], ...] = tuple(
+    bar
+    for key, name in (("jwt", "jwt"), ("oidc", "openid-connect"))
+    for bar in (
+        (
+            f"fhirgate-{key}-cached",
+            BASELINE,
+            0.7,
+            f"fhirgate {name}, one token (cached): req/s >= 0.7 x nginx proxy",
+        ),
+        (
+            f"fhirgate-{key}-cached",
+            "haproxy-jwt",
+            1.0,
+            f"fhirgate {name}, one token (cached): req/s >= 1.0 x HAProxy",
+        ),
+        (
+            f"fhirgate-{key}-distinct",
+            "haproxy-jwt-distinct",
+            0.8,
+            f"fhirgate {name}, distinct tokens (uncached): req/s >= 0.8 x HAProxy (distinct tokens)",
+        ),
+    )
 )
 
 say = pb.say
@@ -102,7 +130,14 @@ def mint(key: Any, claims: dict[str, Any]) -> str:
 
 def token_claims(i: int, iat: int, exp: int) -> dict[str, Any]:
     """Claims of token number `i`: fixed width, so every token has the same length."""
-    return {"iss": ISSUER, "sub": f"Patient/{i:08d}", "iat": iat, "exp": exp, "jti": f"bench-{i:010d}"}
+    return {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": f"Patient/{i:08d}",
+        "iat": iat,
+        "exp": exp,
+        "jti": f"bench-{i:010d}",
+    }
 
 
 def _mint_range(args: tuple[int, int, int, int]) -> list[str]:
@@ -147,6 +182,8 @@ class TokenSet:
         now = time.time()
         fresh = (
             self.meta.get("key_sha256") == key_sha
+            and self.meta.get("iss") == ISSUER
+            and self.meta.get("aud") == AUDIENCE
             and self.meta.get("count", 0) >= count
             and self.meta.get("exp", 0) - now >= TOKEN_MIN_REMAINING_S
             and self.tokens_file.exists()
@@ -187,6 +224,7 @@ class TokenSet:
             "bytes": self.tokens_file.stat().st_size,
             "key_sha256": key_sha,
             "iss": ISSUER,
+            "aud": AUDIENCE,
             "iat": iat,
             "exp": exp,
             "exp_iso": dt.datetime.fromtimestamp(exp, dt.UTC).isoformat(timespec="seconds"),
@@ -211,6 +249,16 @@ class TokenSet:
 
     def public_pem(self) -> str:
         return self.public_file.read_text()
+
+    def jwks(self) -> dict[str, Any]:
+        """The public key as a JWKS (RFC 7517), what the issuer publishes at `/jwks.json`."""
+        public = serialization.load_pem_public_key(self.public_file.read_bytes())
+        if not isinstance(public, rsa.RSAPublicKey):
+            raise TypeError("the benchmark key is not RSA")
+        numbers = public.public_numbers()
+        n = numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big")
+        e = numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big")
+        return {"keys": [{"kty": "RSA", "use": "sig", "alg": "RS256", "n": _b64(n), "e": _b64(e)}]}
 
 
 # wrk: a different Authorization header per request, from the pre-minted file. Thread k of T takes
@@ -244,6 +292,73 @@ end
 
 
 # ---------------------------------------------------------------------------------- configurations
+
+
+def gateway_oidc_conf(upstream_port: int) -> str:
+    return (
+        '_format_version: "3.0"\n'
+        "services:\n"
+        "  - name: fhir-upstream\n"
+        f"    url: http://127.0.0.1:{upstream_port}/fhir\n"
+        "    routes:\n"
+        "      - name: fhir\n"
+        "        paths:\n"
+        "          - /fhir\n"
+        "        strip_path: true\n"
+        "plugins:\n"
+        "  - name: openid-connect\n"
+        "    config:\n"
+        f"      issuer: {ISSUER}\n"
+        "      audience_required:\n"
+        f"        - {AUDIENCE}\n"
+    )
+
+
+def nginx_issuer_conf(d: Path, root: Path, port: int) -> str:
+    return (
+        "# fhirgate bench: nginx #3, the issuer (a static discovery document and JWKS)\n"
+        "worker_processes 1;\n"
+        f"{pb.nginx_common(d)}"
+        "    types { }\n"
+        "    default_type application/json;\n"
+        "    server {\n"
+        f"        listen 127.0.0.1:{port};\n"
+        f"        root {root};\n"
+        '        add_header Cache-Control "max-age=3600";\n'
+        "    }\n"
+        "}\n"
+    )
+
+
+def write_issuer_files(root: Path, tokens: TokenSet) -> None:
+    """`/.well-known/openid-configuration` (issuer `ISSUER`, `jwks_uri`) and `/jwks.json`."""
+    well_known = root / ".well-known"
+    well_known.mkdir(parents=True, mode=0o755)
+    discovery = {"issuer": ISSUER, "jwks_uri": f"{ISSUER}/jwks.json"}
+    (well_known / "openid-configuration").write_text(json.dumps(discovery) + "\n")
+    (root / "jwks.json").write_text(json.dumps(tokens.jwks()) + "\n")
+    for path in (root, well_known, well_known / "openid-configuration", root / "jwks.json"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def issuer_ready(port: int, timeout: float = 10.0) -> str | None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
+        try:
+            conn.request("GET", "/.well-known/openid-configuration")
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status == 200:
+                return None
+            last = f"HTTP {resp.status}"
+        except OSError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        finally:
+            conn.close()
+        time.sleep(0.1)
+    return f"the issuer on port {port} is not ready (last: {last})"
 
 
 def gateway_jwt_conf(upstream_port: int, public_pem: str) -> str:
@@ -465,6 +580,87 @@ def measure(
 # ------------------------------------------------------------------------------------------ bench
 
 
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def start_gateway(
+    args: argparse.Namespace,
+    procs: pb.Processes,
+    gw_dir: Path,
+    plugin: str,
+    conf: str,
+    port: int,
+    one_token: str,
+    description: str,
+    skip: str | None = None,
+) -> tuple[pb.Target, pb.Target]:
+    """One fhirgate process with `plugin` (`conf`), as two targets: one token repeated (verified-token
+    cache hits) and a distinct token per request (every request verified)."""
+    short = "jwt" if plugin == "jwt" else "oidc"
+    gw_dir.mkdir()
+    gw_file = gw_dir / f"{short}.yaml"
+    gw_file.write_text(conf)
+    gw_cmd = [
+        sys.executable,
+        "-m",
+        args.gateway_module,
+        "gateway",
+        "--config",
+        str(gw_file),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(args.workers),
+    ]
+    cached = pb.Target(
+        f"fhirgate-{short}-cached",
+        f"fhirgate {plugin}, one token ({args.workers}w)",
+        "gateway",
+        port,
+        f"{description}; one token repeated: verified-token cache hits",
+        command=gw_cmd,
+        config_file=str(gw_file),
+        config_text=conf,
+    )
+    distinct = pb.Target(
+        f"fhirgate-{short}-distinct",
+        f"fhirgate {plugin}, distinct tokens ({args.workers}w)",
+        "gateway",
+        port,
+        "the same fhirgate process; a distinct valid token per request: every request verified",
+        command=gw_cmd,
+        config_file=str(gw_file),
+        config_text=conf,
+    )
+    pair = (cached, distinct)
+    if skip is None:
+        skip = pb.gateway_available(args.gateway_module)
+        if skip is not None:
+            skip = f"the `fhirgate gateway` command is not available: {skip}"
+    if skip is not None:
+        for t in pair:
+            t.skipped = skip
+        loud(f"fhirgate {plugin} targets SKIPPED: {skip}")
+        return pair
+    proc = procs.start(f"fhirgate-{short}", gw_cmd, gw_dir / "gateway.log", cwd=gw_dir, env=pb.gateway_env())
+    if (why := wait_ready(proc, port, one_token)) is not None:
+        tail = proc.log_tail()
+        loud(f"fhirgate {plugin} SKIPPED: {why}\n{tail}")
+        procs.stop(proc)
+        for t in pair:
+            t.skipped, t.checks["log_tail"] = why, tail
+    else:
+        for t in pair:
+            t.proc = proc
+    return pair
+
+
 def bench(
     args: argparse.Namespace,
     procs: pb.Processes,
@@ -490,7 +686,7 @@ def bench(
     pub_pem.write_text(tokens.public_pem())
     pub_pem.chmod(0o644)
 
-    up_port, proxy_port, gw_port, ha_port = pb.free_ports(4)
+    up_port, proxy_port, gw_port, oidc_port, ha_port = pb.free_ports(5)
 
     up_dir = tmp / "nginx-upstream"
     up_conf = pb.nginx_upstream_conf(up_dir, www, up_port)
@@ -515,59 +711,44 @@ def bench(
     if (why := pb.wait_ready(proxy.proc, proxy_port)) is not None:
         raise SystemExit(f"nginx proxy did not start: {why}\n{proxy.proc.log_tail()}")
 
-    gw_dir = tmp / "fhirgate"
-    gw_dir.mkdir()
-    gw_conf = gateway_jwt_conf(up_port, tokens.public_pem())
-    gw_file = gw_dir / "jwt.yaml"
-    gw_file.write_text(gw_conf)
-    gw_cmd = [
-        sys.executable,
-        "-m",
-        args.gateway_module,
-        "gateway",
-        "--config",
-        str(gw_file),
-        "--listen",
-        f"127.0.0.1:{gw_port}",
-        "--workers",
-        str(args.workers),
-    ]
-    gw_cached = pb.Target(
-        "fhirgate-jwt-cached",
-        f"fhirgate jwt, one token ({args.workers}w)",
-        "gateway",
+    gw_cached, gw_distinct = start_gateway(
+        args,
+        procs,
+        tmp / "fhirgate",
+        "jwt",
+        gateway_jwt_conf(up_port, tokens.public_pem()),
         gw_port,
-        "fhirgate with jwt (RS256, claims_to_verify [exp]); one token repeated: verified-token cache hits",
-        command=gw_cmd,
-        config_file=str(gw_file),
-        config_text=gw_conf,
+        one_token,
+        "fhirgate with jwt (RS256, claims_to_verify [exp])",
     )
-    gw_distinct = pb.Target(
-        "fhirgate-jwt-distinct",
-        f"fhirgate jwt, distinct tokens ({args.workers}w)",
-        "gateway",
-        gw_port,
-        "the same fhirgate process; a distinct valid token per request: every request verified",
-        command=gw_cmd,
-        config_file=str(gw_file),
-        config_text=gw_conf,
-    )
-    gateways = [gw_cached, gw_distinct]
-    if (why := pb.gateway_available(args.gateway_module)) is not None:
-        for t in gateways:
-            t.skipped = f"the `fhirgate gateway` command is not available: {why}"
-        loud(f"fhirgate targets SKIPPED: {why}")
+
+    oidc_skip: str | None = None
+    idp_dir = tmp / "nginx-issuer"
+    idp_root = tmp / "issuer-www"
+    write_issuer_files(idp_root, tokens)
+    if not port_free(ISSUER_PORT):
+        oidc_skip = f"the issuer's port {ISSUER_PORT} (fixed: the tokens' iss) is in use"
     else:
-        proc = procs.start("fhirgate-jwt", gw_cmd, gw_dir / "gateway.log", cwd=gw_dir, env=pb.gateway_env())
-        if (why := wait_ready(proc, gw_port, one_token)) is not None:
-            tail = proc.log_tail()
-            loud(f"fhirgate SKIPPED: {why}\n{tail}")
-            procs.stop(proc)
-            for t in gateways:
-                t.skipped, t.checks["log_tail"] = why, tail
-        else:
-            for t in gateways:
-                t.proc = proc
+        idp_conf = nginx_issuer_conf(idp_dir, idp_root, ISSUER_PORT)
+        idp_proc = pb.start_nginx(procs, nginx, "nginx-issuer", idp_dir, idp_conf)
+        oidc_skip = issuer_ready(ISSUER_PORT)
+        if oidc_skip is not None:
+            oidc_skip += "\n" + idp_proc.log_tail()
+    if oidc_skip is not None:
+        loud(f"openid-connect targets SKIPPED: {oidc_skip}")
+    oidc_cached, oidc_distinct = start_gateway(
+        args,
+        procs,
+        tmp / "fhirgate-oidc",
+        "openid-connect",
+        gateway_oidc_conf(up_port),
+        oidc_port,
+        one_token,
+        f"fhirgate with openid-connect (issuer {ISSUER}: discovery + JWKS from a static nginx, "
+        "audience_required)",
+        skip=oidc_skip,
+    )
+    gateways = [gw_cached, gw_distinct, oidc_cached, oidc_distinct]
 
     ha_dir = tmp / "haproxy"
     ha_dir.mkdir()
@@ -615,14 +796,16 @@ def bench(
         BASELINE: one,
         "fhirgate-jwt-cached": one,
         "fhirgate-jwt-distinct": distinct,
+        "fhirgate-oidc-cached": one,
+        "fhirgate-oidc-distinct": distinct,
         "haproxy-jwt": one,
         "haproxy-jwt-distinct": distinct,
     }
-    targets = [proxy, gw_cached, gw_distinct, ha_one, ha_distinct]
+    targets = [proxy, *gateways, ha_one, ha_distinct]
     active = [t for t in targets if t.skipped is None]
     bad = bad_tokens(tokens)
     for t in active:
-        if t.key in (gw_distinct.key, ha_distinct.key):
+        if t.key in (gw_distinct.key, oidc_distinct.key, ha_distinct.key):
             continue  # same process as its one-token twin
         check_target(t, body, one_token, bad, verifies=t.key != BASELINE)
 
@@ -916,7 +1099,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
                     linewidth=1.2,
                     label="bar: cached >= 0.7x nginx",
                 )
-            for key, style, factor, label in (
+            for key, style, factor, label in (  # the same bars for jwt and openid-connect
                 ("haproxy-jwt", ":", 1.0, "bar: cached >= 1.0x HAProxy"),
                 ("haproxy-jwt-distinct", "-.", 0.8, "bar: distinct >= 0.8x HAProxy (distinct)"),
             ):
@@ -932,7 +1115,8 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
     mach, m = report["machine"], report["method"]
     fig.suptitle(
-        f"fhirgate jwt (RS256) vs nginx proxy and HAProxy 2.6 jwt_verify - {mach['cpu_model']}, "
+        "fhirgate jwt / openid-connect (RS256) vs nginx proxy and HAProxy 2.6 jwt_verify - "
+        f"{mach['cpu_model']}, "
         f"{mach['cores']} cores, {report['timestamp'][:16].replace('T', ' ')} UTC\n"
         f"wrk -t{m['wrk_threads']} -c{m['connections']} -d{m['duration_s']:g}s | median of {m['rounds']} "
         f"alternating rounds after warm-up | {m['workers']} workers/threads"

@@ -9,6 +9,18 @@ and set the upstream headers.
 The access hook is `async` because a cold cache, an expired one or an unknown `kid` needs a fetch;
 with the keys cached it completes without suspending.
 
+Verified tokens are cached (`fhirgate.tokens.cache.VerifiedTokenCache`, keyed by the exact token
+string, one cache per plugin instance, cleared when the consumers are bound): a hit skips parsing
+and signature verification and reuses what the verification produced (claims, consumer,
+credential, upstream header values, all checks that depend only on the token and the
+configuration: `typ`, `iss`, `aud`, scopes, consumer). On every hit, `exp` and `nbf` are checked
+again with `leeway`, the `jti` against the revocation set (by the cache), and the key: the entry
+remembers the key object that verified it and is served only while the JWKS cache would still
+hand out that very object for the token's (`iss`, `kid`, `alg`) without a fetch (`peek`). A JWKS
+refresh builds new key objects, so it invalidates every entry (each token is verified once more);
+a key removed from the JWKS, or a key set past its cache period, is never trusted from the token
+cache.
+
 Refusals (RFC 6750 §3, DECISIONS.md): the status, a `WWW-Authenticate: Bearer` challenge with
 `realm` (and `error`, `error_description`, `scope` where RFC 6750 says so), and a
 `{"message": ...}` body rendered in the route's dialect (Kong JSON or OperationOutcome):
@@ -39,6 +51,7 @@ from fhirgate.gateway.context import BodyTooLarge
 from fhirgate.gateway.plugins._auth import set_consumer
 from fhirgate.gateway.plugins.base import Plugin
 from fhirgate.gateway.plugins.openid_connect.schema import OpenIdConnectConfig
+from fhirgate.tokens.cache import VerifiedTokenCache
 from fhirgate.tokens.claims import check_aud, check_exp, check_iat, check_nbf, check_typ
 from fhirgate.tokens.errors import (
     AlgorithmNotAllowedError,
@@ -55,6 +68,7 @@ from fhirgate.tokens.jwks_cache import (
     KeySelectionError,
 )
 from fhirgate.tokens.jws import parse_jwt
+from fhirgate.tokens.keys import VerificationKey
 from fhirgate.tokens.verify import verify_signature
 
 if TYPE_CHECKING:
@@ -92,6 +106,7 @@ MSG_SIGNATURE = "the token's signature is invalid"
 MSG_NO_CONSUMER = "the token matches no consumer"
 MSG_SCOPE = "the token lacks the scope this resource requires"
 MSG_UNAVAILABLE = "the issuer's signing keys cannot be fetched now; try again later"
+MSG_REVOKED = "the token has been revoked"
 
 ACCESS_TOKEN = "access_token"  # noqa: S105 - RFC 6750 §2.2/§2.3 parameter name
 MAX_FORM_BODY = 64 * 1024
@@ -131,6 +146,22 @@ class OidcCredential:
     id: str | None
     issuer: str
     consumer_id: str | None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Verified:
+    """What a successful verification produced: a token cache entry."""
+
+    iss: str
+    kid: str | None
+    alg: str
+    #: The very key object that verified the signature (identity is checked on every hit).
+    key: VerificationKey
+    claims: dict[str, Any]
+    consumer: Any
+    credential: OidcCredential
+    #: (header name, value or None to remove it), from `upstream_headers_claims`.
+    headers: tuple[tuple[str, str | None], ...]
 
 
 def describe(exc: TokenError) -> str:
@@ -199,6 +230,9 @@ class Handler(Plugin):
 
     config: OpenIdConnectConfig
 
+    #: Entries of the verified-token cache of each instance (0 disables it).
+    token_cache_size: ClassVar[int] = 10_000
+
     def __init__(self, config: OpenIdConnectConfig, instance_id: str = "") -> None:
         super().__init__(config, instance_id)
         c = config
@@ -227,6 +261,8 @@ class Handler(Plugin):
         self._in_query = "query" in c.bearer_token_param_type
         self._in_body = "body" in c.bearer_token_param_type
         self._consumers: dict[str, dict[str, Any]] = {}
+        #: Verified tokens; new with every instance, so with every configuration.
+        self.token_cache: VerifiedTokenCache[_Verified] = VerifiedTokenCache(self.token_cache_size)
 
     def bind_config(self, config: GatewayConfig) -> None:
         indexes: dict[str, dict[str, Any]] = {"id": {}, "username": {}, "custom_id": {}}
@@ -236,6 +272,7 @@ class Handler(Plugin):
                 if value:
                     index.setdefault(str(value), consumer)
         self._consumers = indexes
+        self.token_cache.clear()
 
     # -- refusals ------------------------------------------------------------------------------
 
@@ -327,6 +364,19 @@ class Handler(Plugin):
         token = await self._token(kong)
         if token is None:
             self._unauthorized(kong)
+        token_cache = self.token_cache
+        cached = token_cache.get(token)  # None when expired, not yet valid or revoked
+        if cached is not None:
+            if self._key_still_valid(cached):
+                leeway = self.config.leeway
+                try:
+                    check_exp(cached.claims, leeway=leeway)
+                    check_nbf(cached.claims, leeway=leeway)
+                except ClaimError as exc:
+                    self._invalid_token(kong, describe(exc))
+                self._admit(kong, token, cached)
+                return
+            token_cache.discard(token)  # the key changed or must be fetched: verify again
         try:
             jwt = parse_jwt(token)
             check_typ(jwt.header, self._typ)
@@ -358,6 +408,8 @@ class Handler(Plugin):
                 {"Retry-After": str(exc.retry_after)},
                 fhir_code="transient",
             )
+        if token_cache.is_revoked(claims):
+            self._invalid_token(kong, MSG_REVOKED)
         if self._scope_sets:
             granted = _granted_scopes(_claim_at(claims, self.config.scopes_claim))
             if not any(required <= granted for required in self._scope_sets):
@@ -365,17 +417,38 @@ class Handler(Plugin):
         consumer = self._consumer(kong, claims)
         sub = claims.get("sub")
         subject = sub if isinstance(sub, str) and sub else None
-        credential = OidcCredential(subject, iss, getattr(consumer, "id", None))
-        set_consumer(kong, consumer, credential, identifier=subject)
+        verified = _Verified(
+            iss,
+            kid,
+            alg,
+            key,
+            claims,
+            consumer,
+            OidcCredential(subject, iss, getattr(consumer, "id", None)),
+            tuple((header, _header_value(claims.get(claim))) for claim, header in self._headers),
+        )
+        token_cache.put(token, verified, claims)
+        self._admit(kong, token, verified)
+
+    def _key_still_valid(self, cached: _Verified) -> bool:
+        """Whether the JWKS cache, without a fetch, would still verify the token with the key
+        that verified it (not after a refresh, a key removal or the end of the cache period)."""
+        try:
+            key = self.cache.peek(cached.iss, cached.kid, cached.alg)
+        except (TokenError, JwksUnavailableError):
+            return False
+        return key is cached.key
+
+    def _admit(self, kong: PDK, token: str, verified: _Verified) -> None:
+        set_consumer(kong, verified.consumer, verified.credential, identifier=verified.credential.id)
         request = kong.service.request
-        for claim, header in self._headers:
-            value = _header_value(claims.get(claim))
+        for header, value in verified.headers:
             if value is None:
                 request.clear_header(header)
             else:
                 request.set_header(header, value)
         kong.ctx.shared[SHARED_TOKEN] = token
-        kong.ctx.shared[SHARED_CLAIMS] = claims
+        kong.ctx.shared[SHARED_CLAIMS] = verified.claims
 
     def _consumer(self, kong: PDK, claims: Mapping[str, Any]) -> Any:
         path = self.config.consumer_claim
