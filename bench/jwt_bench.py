@@ -1109,7 +1109,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
                     )
             ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
         ax.set_xticks(xs)
-        ax.set_xticklabels(labels, fontsize=8.5)
+        ax.set_xticklabels(labels, fontsize=8, rotation=25, ha="right")
         ax.set_ylabel(ylabel)
         ax.set_ylim(0, top * 1.45)
         ax.grid(axis="y", alpha=0.3)
