@@ -971,8 +971,7 @@ def build_report(
 def print_report(report: dict[str, Any]) -> None:
     m = report["method"]
     fmt = pb.fmt
-    say()
-    say(
+    title = (
         f"median of {m['rounds']} rounds, {m['duration_s']:g}s each, {m['connections']} connections, "
         f"{m['workers']} workers - {report['machine']['cpu_model']}, {report['machine']['cores']} cores"
     )
@@ -987,33 +986,17 @@ def print_report(report: dict[str, Any]) -> None:
         "CPU us/req",
         "errors",
     )
-    rows: list[tuple[str, ...]] = [header]
-    for t in report["targets"]:
-        s = report["medians"].get(t["key"])
-        if s is None:
-            rows.append((t["label"], "SKIPPED", *([""] * 7)))
-            continue
-        errs = s["errors"] + s["non_2xx_3xx"]
-        rows.append(
-            (
-                t["label"],
-                fmt(s["rps"], ",.0f"),
-                f"{fmt(s['rps_min'], ',.0f')}-{fmt(s['rps_max'], ',.0f')}",
-                fmt(s["p50_ms"], ".2f"),
-                fmt(s["p99_ms"], ".2f"),
-                fmt(s["rps_ratio_to_nginx"], ".2f") + "x",
-                fmt(s["rps_ratio_to_haproxy"], ".2f") + "x",
-                fmt(s["cpu_us_per_request"], ".0f"),
-                f"{errs} FLAGGED" if errs else "0",
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for r in rows:
-        say(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            )
-        )
+    rows = pb.target_rows(
+        report,
+        lambda s: (
+            fmt(s["rps_ratio_to_nginx"], ".2f") + "x",
+            fmt(s["rps_ratio_to_haproxy"], ".2f") + "x",
+            fmt(s["cpu_us_per_request"], ".0f"),
+        ),
+        len(header),
+    )
+    say()
+    pb.print_table(title, header, rows)
     say()
     say("bars (issue 3 §5; a report, never an exit status):")
     for b in report["bars"]:

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -1247,6 +1247,52 @@ def fmt(x: float, spec: str) -> str:
     return "-" if x != x else format(x, spec)  # NaN -> "-"
 
 
+def target_rows(
+    report: dict[str, Any], specific: Callable[[dict[str, Any]], tuple[str, ...]], width: int
+) -> list[tuple[str, ...]]:
+    """One table row per target: label, req/s, min-max, p50, p99, then `specific(medians)` (each
+    benchmark's own ratio and CPU columns), then errors. A skipped target says so."""
+    rows: list[tuple[str, ...]] = []
+    for t in report["targets"]:
+        s = report["medians"].get(t["key"])
+        if s is None:
+            rows.append((t["label"], "SKIPPED", *([""] * (width - 2))))
+            continue
+        errs = s["errors"] + s["non_2xx_3xx"]
+        rows.append(
+            (
+                t["label"],
+                fmt(s["rps"], ",.0f"),
+                f"{fmt(s['rps_min'], ',.0f')}-{fmt(s['rps_max'], ',.0f')}",
+                fmt(s["p50_ms"], ".2f"),
+                fmt(s["p99_ms"], ".2f"),
+                *specific(s),
+                f"{errs} FLAGGED" if errs else "0",
+            )
+        )
+    return rows
+
+
+def print_table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """The results table: rich when available, aligned plain text otherwise."""
+    if _CONSOLE is not None:
+        table = Table(title=title)
+        for i, h in enumerate(header):
+            table.add_column(h, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row, style="bold red" if row[1] == "SKIPPED" or "FLAGGED" in row[-1] else None)
+        _CONSOLE.print(table)
+        return
+    print(title)
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    for r in (header, *rows):
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+
+
 def print_report(report: dict[str, Any]) -> None:
     m = report["method"]
     title = (
@@ -1264,44 +1310,17 @@ def print_report(report: dict[str, Any]) -> None:
         "CPU ms/1k req",
         "errors",
     )
-    rows: list[tuple[str, ...]] = []
-    for t in report["targets"]:
-        s = report["medians"].get(t["key"])
-        if s is None:
-            rows.append((t["label"], "SKIPPED", "", "", "", "", "", "", ""))
-            continue
-        errs = s["errors"] + s["non_2xx_3xx"]
-        rows.append(
-            (
-                t["label"],
-                fmt(s["rps"], ",.0f"),
-                f"{fmt(s['rps_min'], ',.0f')}-{fmt(s['rps_max'], ',.0f')}",
-                fmt(s["p50_ms"], ".2f"),
-                fmt(s["p99_ms"], ".2f"),
-                fmt(s["rps_ratio_to_nginx"], ".2f") + "x",
-                fmt(s["p99_ratio_to_nginx"], ".2f") + "x",
-                fmt(s["cpu_ms_per_1k_requests"], ".0f"),
-                f"{errs} FLAGGED" if errs else "0",
-            )
-        )
+    rows = target_rows(
+        report,
+        lambda s: (
+            fmt(s["rps_ratio_to_nginx"], ".2f") + "x",
+            fmt(s["p99_ratio_to_nginx"], ".2f") + "x",
+            fmt(s["cpu_ms_per_1k_requests"], ".0f"),
+        ),
+        len(header),
+    )
     say()
-    if _CONSOLE is not None:
-        table = Table(title=title)
-        for i, h in enumerate(header):
-            table.add_column(h, justify="left" if i == 0 else "right")
-        for row in rows:
-            table.add_row(*row, style="bold red" if row[1] == "SKIPPED" or "FLAGGED" in row[-1] else None)
-        _CONSOLE.print(table)
-    else:
-        print(title)
-        widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-        for r in (header, *rows):
-            print(
-                "  ".join(
-                    c.ljust(w) if i == 0 else c.rjust(w)
-                    for i, (c, w) in enumerate(zip(r, widths, strict=True))
-                )
-            )
+    print_table(title, header, rows)
     say()
     say("bars (from the issue; a report, never an exit status):")
     shown: set[str] = set()
