@@ -549,3 +549,41 @@ def test_issuers_allowed_accepts_aliases_of_the_issuer_only(make_env: Any, idp: 
     msg = "the token's issuer is not accepted"
     tok = token("rsa", "k1", env.claims(iss="https://sts.alias.test/other/"))
     assert_refusal(env.refused(tok), 401, invalid_token(msg), msg)
+
+
+def test_a_reload_keeps_the_jwks_cache_warm_through_an_idp_outage(env: Env) -> None:
+    tok = token("rsa", "k1", env.claims())
+    env.ok(tok)
+    fetches = len(env.idp.paths)
+    env.idp.down = True
+    # The same configuration reloaded (SIGHUP): new plugin instances, the issuer's keys stay known.
+    env.gw.reload(
+        {
+            "_format_version": "3.0",
+            "services": [
+                {
+                    "name": "fhir",
+                    "url": env.upstream.url,
+                    "routes": [
+                        {
+                            "name": "api",
+                            "hosts": ["api.test"],
+                            "paths": ["/"],
+                            "plugins": [
+                                {
+                                    "name": "openid-connect",
+                                    "config": {
+                                        "issuer": env.idp.issuer,
+                                        "audience_required": [AUDIENCE],
+                                        "realm": realm_of("api"),
+                                    },
+                                }
+                            ],
+                        }
+                    ],
+                }
+            ],
+        }
+    )
+    env.ok(tok)
+    assert len(env.idp.paths) == fetches  # nothing fetched: the warm cache answered

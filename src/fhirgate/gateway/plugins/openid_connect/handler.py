@@ -38,7 +38,9 @@ Refusals (RFC 6750 §3, DECISIONS.md): the status, a `WWW-Authenticate: Bearer` 
 
 from __future__ import annotations
 
+import asyncio
 import re
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
@@ -217,6 +219,53 @@ def _header_value(value: Any) -> str | None:
     return text
 
 
+# One JWKS cache per event loop (per worker) and per issuer and cache settings: plugin instances
+# on several routes share it, and a configuration reload keeps it warm, so an IdP outage during a
+# reload does not turn into 503s. Keyed by the loop object (weakly), so a cache never outlives the
+# loop its fetches ran on.
+_SHARED_JWKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], JwksCache]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _jwks_cache_for(c: OpenIdConnectConfig) -> JwksCache:
+    key = (
+        c.issuer,
+        tuple(c.extra_jwks_uris),
+        tuple(c.issuers_allowed),
+        c.jwks_cache_min_ttl,
+        c.jwks_cache_max_ttl,
+        c.jwks_cache_default_ttl,
+        c.jwks_refetch_cooldown,
+        c.rediscovery_lifetime,
+        c.jwks_fetch_timeout,
+        c.jwks_max_bytes,
+    )
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None  # a file checked or loaded outside a worker: a private cache
+    shared = _SHARED_JWKS.setdefault(loop, {}) if loop is not None else None
+    if shared is not None and key in shared:
+        return shared[key]
+    cache = JwksCache(
+        c.issuer,
+        extra_jwks_uris=c.extra_jwks_uris,
+        aliases=c.issuers_allowed,
+        settings=CacheSettings(
+            min_ttl=c.jwks_cache_min_ttl,
+            max_ttl=c.jwks_cache_max_ttl,
+            default_ttl=c.jwks_cache_default_ttl,
+            refetch_cooldown=c.jwks_refetch_cooldown,
+            rediscovery_lifetime=c.rediscovery_lifetime,
+        ),
+        fetch=HttpFetcher(timeout=c.jwks_fetch_timeout, max_bytes=c.jwks_max_bytes),
+    )
+    if shared is not None:
+        shared[key] = cache
+    return cache
+
+
 class Handler(Plugin):
     name: ClassVar[str] = "openid-connect"
     priority: ClassVar[int] = 1050
@@ -236,19 +285,7 @@ class Handler(Plugin):
     def __init__(self, config: OpenIdConnectConfig, instance_id: str = "") -> None:
         super().__init__(config, instance_id)
         c = config
-        self.cache = JwksCache(
-            c.issuer,
-            extra_jwks_uris=c.extra_jwks_uris,
-            aliases=c.issuers_allowed,
-            settings=CacheSettings(
-                min_ttl=c.jwks_cache_min_ttl,
-                max_ttl=c.jwks_cache_max_ttl,
-                default_ttl=c.jwks_cache_default_ttl,
-                refetch_cooldown=c.jwks_refetch_cooldown,
-                rediscovery_lifetime=c.rediscovery_lifetime,
-            ),
-            fetch=HttpFetcher(timeout=c.jwks_fetch_timeout, max_bytes=c.jwks_max_bytes),
-        )
+        self.cache = _jwks_cache_for(c)
         # Before any fetch, the `iss` values that can possibly be accepted (cheap refusal of
         # foreign tokens without touching the cache); the cache then compares exactly.
         self._issuers = frozenset(c.issuers_allowed) or self.cache.possible_issuers
