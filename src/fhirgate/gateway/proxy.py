@@ -33,7 +33,13 @@ from fhirgate.gateway.normalize import BadPathError, normalize_path
 from fhirgate.gateway.pdk import PDK
 from fhirgate.gateway.pipeline import Chain, Pipeline, PluginSpec, Step
 from fhirgate.gateway.router import Router
-from fhirgate.gateway.upstream import PoolKey, UpstreamConnection, UpstreamPool, UpstreamResponseError
+from fhirgate.gateway.upstream import (
+    CONNECTION_OPTIONS,
+    PoolKey,
+    UpstreamConnection,
+    UpstreamPool,
+    UpstreamResponseError,
+)
 
 if TYPE_CHECKING:
     from fhirgate.config import GatewayConfig
@@ -548,8 +554,11 @@ class Gateway:
         conn_named: frozenset[bytes] = _NONE
         for name, value in ctx.headers:
             if len(name) == 10 and name.lower() == b"connection":
-                # Headers named by Connection are hop-by-hop too (RFC 9110 7.6.1).
-                conn_named = conn_named | {t.strip().lower() for t in value.split(b",")}
+                # Headers named by Connection are hop-by-hop too (RFC 9110 7.6.1); keep-alive,
+                # close and upgrade name nothing else.
+                named = {t.strip().lower() for t in value.split(b",")} - CONNECTION_OPTIONS
+                if named:
+                    conn_named = conn_named | named
         trusted = bool(self._trusted) and self.is_trusted(ctx.client_ip)
         fwd: dict[bytes, bytes] = {}
         via: bytes | None = None

@@ -53,6 +53,8 @@ _RESPONSE_DROP = frozenset(
 
 
 _RESPONSE_DROP_LENGTHS = frozenset(len(n) for n in _RESPONSE_DROP)
+# Connection options that name no other header (RFC 9112 9.6, 9.3; upgrade is dropped anyway).
+CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close", b"upgrade", b""})
 
 
 def end_to_end_headers(
@@ -76,8 +78,11 @@ def end_to_end_headers(
             elif lname == b"transfer-encoding":
                 chunked = b"chunked" in value.lower()
             elif lname == b"connection":
-                conn_named = conn_named or set()
-                conn_named.update(t.strip().lower() for t in value.split(b","))
+                for token in value.split(b","):
+                    token = token.strip().lower()
+                    if token not in CONNECTION_OPTIONS:  # keep-alive/close: nothing more to drop
+                        conn_named = conn_named or set()
+                        conn_named.add(token)
             continue
         out.append((name, value))
     if conn_named:
