@@ -238,3 +238,44 @@ def test_access_log_is_off_by_default(upstream: Upstream, tmp_path: Path) -> Non
     with running_gateway(service_config(upstream.url)) as gw:
         assert httpx.get(gw.url + "/x").status_code == 200
         assert gw.gateway.access_log is None
+
+
+def test_ready_is_503_while_draining_and_in_flight_requests_finish(upstream: Upstream) -> None:
+    import asyncio
+    import threading
+
+    from tests.harness import Reply
+
+    upstream.handler = lambda req: Reply(body=b"slow", delay=0.8)
+    with running_gateway(service_config(upstream.url), status=True) as gw:
+        status_url = f"http://127.0.0.1:{gw.port('status')}"
+        assert httpx.get(status_url + "/status/ready").status_code == 200
+        result: dict[str, Any] = {}
+
+        def slow_request() -> None:
+            result["response"] = httpx.get(gw.url + "/slow", timeout=10)
+
+        thread = threading.Thread(target=slow_request)
+        thread.start()
+        deadline = time.monotonic() + 5
+        while not upstream.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        drained = asyncio.run_coroutine_threadsafe(gw.runtime.shutdown(5.0), gw.loop)
+        ready = None
+        for _ in range(100):
+            try:
+                ready = httpx.get(status_url + "/status/ready", timeout=2)
+                if ready.status_code == 503:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.01)
+        assert ready is not None
+        assert ready.status_code == 503
+        assert ready.json() == {"message": "shutting down"}
+        thread.join(10)
+        assert result["response"].status_code == 200  # the in-flight request was finished
+        assert result["response"].content == b"slow"
+        drained.result(10)
+        with pytest.raises(httpx.TransportError):  # and then the status listener is gone too
+            httpx.get(status_url + "/status/ready", timeout=2)

@@ -194,9 +194,18 @@ class WorkerRuntime:
     async def shutdown(self, grace: float) -> None:
         """Stop accepting, finish in-flight requests up to `grace` seconds, close the rest."""
         gateway = self.gateway
+        # The proxy listeners stop accepting now; the status listener stays up until the end so
+        # that /status/ready answers 503 while in-flight requests drain (load balancers stop
+        # sending traffic on it).
+        status_servers = [
+            server for server, li in zip(self.servers, self.listeners, strict=True) if li.kind == "status"
+        ]
         for server in self.servers:
-            server.close()
+            if server not in status_servers:
+                server.close()
         if gateway is None:
+            for server in status_servers:
+                server.close()
             return
         gateway.draining = True
         for conn in list(gateway.connections):
@@ -237,7 +246,11 @@ class WorkerRuntime:
                 if t.get_extra_info("socket") is not None:
                     t.abort()
             await asyncio.sleep(0)
+        for server in status_servers:
+            server.close()
         if self.status is not None:
+            for conn in list(self.status.connections):
+                conn.abort()
             self.status.close()
         if gateway.access_log is not None:
             gateway.access_log.close()
