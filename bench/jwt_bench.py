@@ -296,16 +296,7 @@ end
 
 def gateway_oidc_conf(upstream_port: int) -> str:
     return (
-        '_format_version: "3.0"\n'
-        "services:\n"
-        "  - name: fhir-upstream\n"
-        f"    url: http://127.0.0.1:{upstream_port}/fhir\n"
-        "    routes:\n"
-        "      - name: fhir\n"
-        "        paths:\n"
-        "          - /fhir\n"
-        "        strip_path: true\n"
-        "plugins:\n"
+        pb.service_yaml(upstream_port) + "plugins:\n"
         "  - name: openid-connect\n"
         "    config:\n"
         f"      issuer: {ISSUER}\n"
@@ -364,16 +355,7 @@ def issuer_ready(port: int, timeout: float = 10.0) -> str | None:
 def gateway_jwt_conf(upstream_port: int, public_pem: str) -> str:
     pem = "".join(f"          {line}\n" for line in public_pem.strip().splitlines())
     return (
-        '_format_version: "3.0"\n'
-        "services:\n"
-        "  - name: fhir-upstream\n"
-        f"    url: http://127.0.0.1:{upstream_port}/fhir\n"
-        "    routes:\n"
-        "      - name: fhir\n"
-        "        paths:\n"
-        "          - /fhir\n"
-        "        strip_path: true\n"
-        "consumers:\n"
+        pb.service_yaml(upstream_port) + "consumers:\n"
         "  - username: bench-client\n"
         "    jwt_secrets:\n"
         f"      - key: {ISSUER}\n"
@@ -948,21 +930,7 @@ def build_report(
             },
             "cpu": "cpu_us_per_request: user+sys CPU of the target's processes per request (median)",
         },
-        "targets": [
-            {
-                "key": t.key,
-                "label": t.label,
-                "role": t.role,
-                "description": t.description,
-                "command": t.command,
-                "config_file": t.config_file,
-                "config": t.config_text,
-                "skipped": t.skipped,
-                "checks": t.checks,
-                "runs": [asdict(r) for r in t.runs],
-            }
-            for t in targets
-        ],
+        "targets": [pb.target_record(t) for t in targets],
         "medians": summaries,
         "bars": bars,
     }

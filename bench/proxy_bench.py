@@ -537,8 +537,9 @@ def nginx_proxy_conf(d: Path, port: int, upstream_port: int, workers: int) -> st
     )
 
 
-def gateway_conf(upstream_port: int, plugins: bool, access_log: Path) -> str:
-    text = (
+def service_yaml(upstream_port: int) -> str:
+    """The declarative file's head every gateway target shares: one service, route `/fhir`."""
+    return (
         '_format_version: "3.0"\n'
         "services:\n"
         "  - name: fhir-upstream\n"
@@ -549,6 +550,10 @@ def gateway_conf(upstream_port: int, plugins: bool, access_log: Path) -> str:
         "          - /fhir\n"
         "        strip_path: true\n"
     )
+
+
+def gateway_conf(upstream_port: int, plugins: bool, access_log: Path) -> str:
+    text = service_yaml(upstream_port)
     if plugins:
         text += (
             "plugins:\n"
@@ -1143,6 +1148,23 @@ def plugin_evidence(t: Target, access_log: Path, status_port: int) -> None:
 # ------------------------------------------------------------------------------------------ report
 
 
+def target_record(t: Target) -> dict[str, Any]:
+    """One target as written to the results JSON."""
+    return {
+        "key": t.key,
+        "label": t.label,
+        "role": t.role,
+        "description": t.description,
+        "port": t.port,
+        "command": t.command,
+        "config_file": t.config_file,
+        "config": t.config_text,
+        "skipped": t.skipped,
+        "checks": t.checks,
+        "runs": [asdict(r) for r in t.runs],
+    }
+
+
 def build_report(
     args: argparse.Namespace,
     targets: list[Target],
@@ -1222,22 +1244,7 @@ def build_report(
                 "for loopback, other processes)"
             ),
         },
-        "targets": [
-            {
-                "key": t.key,
-                "label": t.label,
-                "role": t.role,
-                "description": t.description,
-                "port": t.port,
-                "command": t.command,
-                "config_file": t.config_file,
-                "config": t.config_text,
-                "skipped": t.skipped,
-                "checks": t.checks,
-                "runs": [asdict(r) for r in t.runs],
-            }
-            for t in targets
-        ],
+        "targets": [target_record(t) for t in targets],
         "medians": summaries,
         "bars": bars,
     }
