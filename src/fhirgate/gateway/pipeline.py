@@ -87,18 +87,20 @@ class Pipeline:
     ) -> PluginSpec | None:
         scopes = self._by_name[name]
         r, s, c = route_id, service_id, consumer_id
-        candidates: list[Scope] = []
-        if c is not None:
-            candidates += [(r, s, c), (r, None, c), (None, s, c)]
-        candidates.append((r, s, None))
-        if c is not None:
-            candidates.append((None, None, c))
-        candidates += [(r, None, None), (None, s, None), (None, None, None)]
-        for key in candidates:
-            if (key[0] is None or r is not None) and (key[1] is None or s is not None):
-                spec = scopes.get(key)
-                if spec is not None:
-                    return spec
+        # Kong's order, most specific first (plugins_iterator.lua); runs at config time only.
+        for key in (
+            (r, s, c),
+            (r, None, c),
+            (None, s, c),
+            (r, s, None),
+            (None, None, c),
+            (r, None, None),
+            (None, s, None),
+            (None, None, None),
+        ):
+            spec = scopes.get(key)
+            if spec is not None:
+                return spec
         return None
 
     def chain(self, route_id: str | None, service_id: str | None, consumer_id: str | None = None) -> Chain:
