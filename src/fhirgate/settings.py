@@ -137,6 +137,55 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="PostgreSQL URL for shared state; SQLite if unset.")
     redis_url: str | None = Field(None, description="Redis URL for cross-node counters and caches.")
 
+    # --- built-in FHIR server (`fhirgate fhir-server`) ------------------------------------
+    fhir_listen: str = Field(
+        "127.0.0.1:8080",
+        description="FHIR server listener HOST:PORT (loopback: the gateway decides who gets in).",
+    )
+    fhir_database_url: str | None = Field(
+        None,
+        description="FHIR store: `sqlite:///path/fhir.db[?synchronous=full]` or `postgresql://user@host/db`; "
+        "default `database_url` if set, else SQLite `fhir.db` under `data_dir`.",
+    )
+    fhir_base_url: str | None = Field(
+        None,
+        description="Absolute base URL clients see (fullUrl, Location, paging links); default "
+        "`http://` + fhir_listen. Behind the gateway: the gateway's `/fhir` URL.",
+    )
+    fhir_workers: int = Field(
+        default_factory=_default_workers, ge=1, le=64, description="FHIR server worker processes."
+    )
+    fhir_default_count: int = Field(
+        20, ge=1, le=1000, description="Search page size when `_count` is absent."
+    )
+    fhir_max_count: int = Field(
+        1000,
+        ge=1,
+        le=10000,
+        description="Largest `_count`; larger values are clamped (the self link says so).",
+    )
+    fhir_max_body: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body (bytes) the FHIR server accepts; more is 413.",
+    )
+
+    def fhir_database(self) -> str:
+        if self.fhir_database_url:
+            return self.fhir_database_url
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'fhir.db').resolve()}"
+
+    def fhir_base(self) -> str:
+        if self.fhir_base_url:
+            return self.fhir_base_url.rstrip("/")
+        host, port = parse_hostport(self.fhir_listen, "127.0.0.1")
+        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, host)
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"http://{host}:{port}"
+
     @field_validator("listen", "listen_ssl", mode="before")
     @classmethod
     def _split(cls, v: Any) -> Any:

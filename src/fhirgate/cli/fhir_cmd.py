@@ -1,0 +1,101 @@
+"""`fhirgate fhir-server`: the built-in FHIR R4 server on its own."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from fhirgate.errors import ConfigError
+from fhirgate.settings import load_settings, parse_hostport
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "fhir-server",
+        help="run the built-in FHIR R4 server (SQLite by default, PostgreSQL at scale)",
+        description=(
+            "Run the built-in FHIR R4 server. It listens on loopback by default: put the gateway in "
+            "front of it to decide who gets in. Settings: these flags, then FHIRGATE_* environment "
+            "variables, then fhirgate.toml."
+        ),
+    )
+    p.add_argument(
+        "--database",
+        dest="fhir_database_url",
+        metavar="URL",
+        help="sqlite:///path/fhir.db[?synchronous=full] or postgresql://user@host/db",
+    )
+    p.add_argument("--listen", dest="fhir_listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
+    p.add_argument("--base-url", dest="fhir_base_url", metavar="URL", help="absolute base URL clients see")
+    p.add_argument("--workers", dest="fhir_workers", type=int, help="worker processes (default: cores)")
+    p.add_argument("--data-dir", dest="data_dir", type=Path, help="where the SQLite file lives (.fhirgate)")
+    p.add_argument("--settings", type=Path, help="node settings file (default ./fhirgate.toml)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {
+        k: getattr(args, k)
+        for k in ("fhir_database_url", "fhir_listen", "fhir_base_url", "fhir_workers", "data_dir")
+    }
+    try:
+        settings = load_settings(args.settings, **overrides)
+        host, port = parse_hostport(settings.fhir_listen, "127.0.0.1")
+    except ConfigError as exc:
+        print(exc.describe(), file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"error: fhir_listen: {exc}", file=sys.stderr)
+        return 1
+    # Workers rebuild the server from the environment: pass the resolved settings on.
+    os.environ["FHIRGATE_FHIR_DATABASE_URL"] = settings.fhir_database()
+    os.environ["FHIRGATE_FHIR_BASE_URL"] = settings.fhir_base()
+    if args.settings:
+        os.environ["FHIRGATE_SETTINGS_FILE"] = str(args.settings)
+    # Create or migrate the schema once, before the workers start.
+    from fhirgate.fhirserver.storage.backend import DatabaseUrlError
+    from fhirgate.fhirserver.storage.store import FhirStore
+
+    async def prepare() -> None:
+        store = await FhirStore.open(settings.fhir_database())
+        await store.close()
+
+    try:
+        asyncio.run(prepare())
+    except (DatabaseUrlError, OSError) as exc:
+        print(f"error: database {settings.fhir_database()}: {exc}", file=sys.stderr)
+        return 1
+    import uvicorn
+
+    print(
+        f"fhirgate fhir-server: {settings.fhir_base()} (database {_redact(settings.fhir_database())}, "
+        f"{settings.fhir_workers} worker(s))",
+        flush=True,
+    )
+    uvicorn.run(
+        "fhirgate.fhirserver.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=settings.fhir_workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        server_header=False,
+    )
+    return 0
+
+
+def _redact(url: str) -> str:
+    """Never print a database password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url

@@ -1,0 +1,239 @@
+"""Database backends behind one small protocol: SQLite (default) and PostgreSQL (asyncpg pool).
+
+Storage code is written once against `Connection`, with `?` placeholders; the PostgreSQL backend
+rewrites them to `$n` once per statement text. SQLite calls run inline on the event loop: each is
+a short, local call, and a thread hop per call (aiosqlite's design) costs more than the call
+itself (issue 4, "speed traps"). Because an inline SQLite call never yields, a write transaction
+on one connection is never interleaved with another coroutine's statements; a lock makes that
+explicit. Concurrency comes from processes; SQLite's WAL lets readers run beside the one writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+from fhirgate.errors import FhirgateError
+
+Row = tuple[Any, ...]
+
+
+class DatabaseUrlError(FhirgateError):
+    """A `--database` URL fhirgate cannot use."""
+
+
+class Connection(Protocol):
+    dialect: str
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """Run a statement; returns the number of rows it changed."""
+        ...
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+    async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
+
+    async def fetchrow(self, sql: str, args: Sequence[Any] = ()) -> Row | None: ...
+
+    async def insert_returning_id(self, sql: str, args: Sequence[Any]) -> int:
+        """Run an INSERT into a table with an integer key and return the new key."""
+        ...
+
+
+class Backend(Protocol):
+    dialect: str
+    url: str
+
+    def transaction(self) -> Any:
+        """`async with backend.transaction() as conn`: one atomic write transaction."""
+        ...
+
+    def reader(self) -> Any:
+        """`async with backend.reader() as conn`: a connection for reads (no transaction)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# ---- SQLite --------------------------------------------------------------------------------------
+
+
+class SqliteConnection:
+    dialect = "sqlite"
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        return self._db.execute(sql, args).rowcount
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._db.executemany(sql, rows)
+
+    async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        return self._db.execute(sql, args).fetchall()
+
+    async def fetchrow(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
+        row: Row | None = self._db.execute(sql, args).fetchone()
+        return row
+
+    async def insert_returning_id(self, sql: str, args: Sequence[Any]) -> int:
+        cursor = self._db.execute(sql, args)
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+
+class SqliteBackend:
+    """One SQLite file in WAL mode. `synchronous=NORMAL` by default: a process crash loses no
+    committed transaction in WAL mode; `synchronous=FULL` (the `?synchronous=full` URL option)
+    also survives power loss, at the cost the benchmark reports."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: str, synchronous: str = "normal") -> None:
+        self.url = f"sqlite:///{path}"
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.execute("PRAGMA foreign_keys=OFF")
+        self._db.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache
+        self._db.execute("PRAGMA temp_store=MEMORY")
+        self._db.execute("PRAGMA mmap_size=268435456")
+        self._conn = SqliteConnection(self._db)
+        self._lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[SqliteConnection]:
+        async with self._lock:
+            # IMMEDIATE takes the write lock now, so two processes never both read a version
+            # and then both write it (no lost update); busy_timeout waits for the other writer.
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @asynccontextmanager
+    async def reader(self) -> AsyncIterator[SqliteConnection]:
+        async with self._lock:
+            # One snapshot for all statements of a read (a search and its includes).
+            self._db.execute("BEGIN")
+            try:
+                yield self._conn
+            finally:
+                self._db.execute("COMMIT")
+
+    async def close(self) -> None:
+        self._db.close()
+
+
+# ---- PostgreSQL ----------------------------------------------------------------------------------
+
+_PLACEHOLDER = re.compile(r"\?")
+
+
+class PostgresConnection:
+    dialect = "postgresql"
+
+    def __init__(self, conn: Any, cache: dict[str, str]) -> None:
+        self._conn = conn
+        self._cache = cache
+
+    def _sql(self, sql: str) -> str:
+        converted = self._cache.get(sql)
+        if converted is None:
+            counter = iter(range(1, 1 << 16))
+            converted = _PLACEHOLDER.sub(lambda _m: f"${next(counter)}", sql)
+            self._cache[sql] = converted
+        return converted
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        status: str = await self._conn.execute(self._sql(sql), *args)
+        tail = status.rsplit(" ", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        rows = list(rows)
+        if rows:
+            await self._conn.executemany(self._sql(sql), rows)
+
+    async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        return [tuple(r) for r in await self._conn.fetch(self._sql(sql), *args)]
+
+    async def fetchrow(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
+        row = await self._conn.fetchrow(self._sql(sql), *args)
+        return None if row is None else tuple(row)
+
+    async def insert_returning_id(self, sql: str, args: Sequence[Any]) -> int:
+        value: int = await self._conn.fetchval(self._sql(sql + " RETURNING pid"), *args)
+        return value
+
+
+class PostgresBackend:
+    dialect = "postgresql"
+
+    def __init__(self, url: str, pool: Any) -> None:
+        self.url = url
+        self._pool = pool
+        self._sql_cache: dict[str, str] = {}
+
+    @classmethod
+    async def connect(cls, url: str, min_size: int = 1, max_size: int = 10) -> PostgresBackend:
+        import asyncpg
+
+        parts = urlsplit(url)
+        query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+        server_settings = {}
+        if "schema" in query:
+            server_settings["search_path"] = unquote(query.pop("schema"))
+        dsn = parts._replace(query="&".join(f"{k}={v}" for k, v in query.items())).geturl()
+        dsn = dsn.replace("postgresql+asyncpg://", "postgresql://", 1)
+        pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, server_settings=server_settings
+        )
+        return cls(url, pool)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PostgresConnection]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            yield PostgresConnection(conn, self._sql_cache)
+
+    @asynccontextmanager
+    async def reader(self) -> AsyncIterator[PostgresConnection]:
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            yield PostgresConnection(conn, self._sql_cache)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+async def open_backend(url: str) -> SqliteBackend | PostgresBackend:
+    """`sqlite:///path/to/file.db[?synchronous=full]` or `postgresql://user@host/db[?schema=s]`."""
+    if url.startswith("sqlite:"):
+        parts = urlsplit(url)
+        path = unquote(parts.path)
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            path = path[1:]  # sqlite:///relative.db (SQLAlchemy's convention); //// is absolute
+        if not path:
+            raise DatabaseUrlError(f"{url}: no database file (expected sqlite:///path/to/fhir.db)")
+        query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+        sync = query.get("synchronous", "normal").lower()
+        if sync not in ("normal", "full"):
+            raise DatabaseUrlError(f"{url}: synchronous must be 'normal' or 'full', not {sync!r}")
+        return SqliteBackend(path, sync)
+    if url.startswith(("postgresql:", "postgres:", "postgresql+asyncpg:")):
+        return await PostgresBackend.connect(url)
+    raise DatabaseUrlError(
+        f"unsupported database URL {url!r}: use sqlite:///path/to/fhir.db or postgresql://user@host/db"
+    )
