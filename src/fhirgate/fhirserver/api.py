@@ -438,6 +438,7 @@ class FhirServer:
             rtype,
             params,
             supported=self.indexer.is_indexed,
+            base_url=self.base,
             strict=strict,
             default_count=self.default_count,
             max_count=self.max_count,
@@ -454,6 +455,7 @@ class FhirServer:
             None,
             params,
             supported=self.indexer.is_indexed,
+            base_url=self.base,
             strict=strict,
             default_count=self.default_count,
             max_count=self.max_count,
@@ -627,7 +629,13 @@ class FhirServer:
         if not params:
             raise bad_request(f"{what}: '{condition}' has no search parameters")
         query = parse_search(
-            rtype, params, supported=self.indexer.is_indexed, strict=True, default_count=2, max_count=2
+            rtype,
+            params,
+            supported=self.indexer.is_indexed,
+            base_url=self.base,
+            strict=True,
+            default_count=2,
+            max_count=2,
         )
         return await session.find_ids(query, limit=2)
 

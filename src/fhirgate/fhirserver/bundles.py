@@ -255,7 +255,13 @@ async def _search(
     if not params:
         raise bad_request(f"'{condition}' is not a search")
     query = parse_search(
-        rtype, params, supported=server.indexer.is_indexed, strict=True, default_count=2, max_count=2
+        rtype,
+        params,
+        supported=server.indexer.is_indexed,
+        base_url=server.base,
+        strict=True,
+        default_count=2,
+        max_count=2,
     )
     return await session.find_ids(query, limit=2)
 
