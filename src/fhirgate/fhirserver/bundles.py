@@ -47,6 +47,8 @@ class _Entry:
     # resolved before writing
     rid: str | None = None
     existing: Stored | None = None
+    #: a batch entry's own validation failure (a transaction fails as a whole instead)
+    error: FhirError | None = None
     result: dict[str, Any] = field(default_factory=dict)
 
 
@@ -94,6 +96,7 @@ def _read_entries(server: FhirServer, bundle: Any) -> tuple[str, list[_Entry]]:
             )
         resource = raw.get("resource")
         method = req["method"]
+        error: FhirError | None = None
         if method in ("POST", "PUT"):
             rtype = path.split("/", 1)[0]
             if resource is None:
@@ -101,7 +104,9 @@ def _read_entries(server: FhirServer, bundle: Any) -> tuple[str, list[_Entry]]:
             try:
                 validate_resource(resource, rtype)
             except FhirError as err:
-                raise _at(err, i) from None
+                if btype == "transaction":
+                    raise _at(err, i) from None
+                error = _at(err, i)
         headers = {"content-type": "application/fhir+json"}
         for key, header in (
             ("ifMatch", "if-match"),
@@ -123,6 +128,7 @@ def _read_entries(server: FhirServer, bundle: Any) -> tuple[str, list[_Entry]]:
                 resource=resource,
                 headers=headers,
                 raw_url=url,
+                error=error,
             )
         )
     return btype, entries
@@ -178,6 +184,8 @@ def entry_is_read(response: Response) -> bool:
 
 
 async def _batch_entry(server: FhirServer, e: _Entry, representation: bool) -> dict[str, Any]:
+    if e.error is not None:
+        return {"response": {"status": _status(e.error.status), "outcome": e.error.outcome()}}
     req = Request(e.method, e.path, e.params, dict(e.headers), b"", e.resource)
     if e.method in ("POST", "PUT"):
         req.headers["prefer"] = "return=representation" if representation else "return=minimal"

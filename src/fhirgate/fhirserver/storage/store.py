@@ -338,8 +338,12 @@ class FhirStore:
     @classmethod
     async def open(cls, url: str, base_url: str | None = None) -> FhirStore:
         backend = await open_backend(url)
-        async with backend.transaction() as conn:
-            await migrate(conn)
+        try:
+            async with backend.transaction() as conn:
+                await migrate(conn)
+        except BaseException:
+            await backend.close()
+            raise
         return cls(backend, Indexer(base_url=base_url))
 
     @asynccontextmanager

@@ -1,0 +1,152 @@
+"""The store's contract, run against SQLite and PostgreSQL: migrations, atomic writes, no lost
+updates under concurrent writers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fhirgate.fhirserver.errors import FhirError
+from fhirgate.fhirserver.model import ParamClause, SearchQuery, TokenValue
+from fhirgate.fhirserver.storage import schema
+from fhirgate.fhirserver.storage.backend import DatabaseUrlError, open_backend
+from fhirgate.fhirserver.storage.store import FhirStore
+from tests.fhirserver.harness import BACKENDS, database
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with database(request.param, tmp_path) as url:
+        yield url
+
+
+def _patient(marker: str) -> dict[str, Any]:
+    return {"resourceType": "Patient", "identifier": [{"system": "urn:test:store", "value": marker}]}
+
+
+def _by_identifier(marker: str) -> SearchQuery:
+    from fhirgate.fhirserver.definitions import param_id
+
+    clause = ParamClause(
+        "Patient",
+        "identifier",
+        param_id("Patient", "identifier"),
+        "token",
+        values=(TokenValue("urn:test:store", marker),),
+    )
+    return SearchQuery("Patient", clauses=(clause,))
+
+
+def test_a_new_database_is_migrated_once(db_url: str) -> None:
+    async def run() -> None:
+        store = await FhirStore.open(db_url)
+        async with store.write() as s:
+            assert await schema.current_version(s.conn) == schema.SCHEMA_VERSION
+            assert await schema.migrate(s.conn) == (schema.SCHEMA_VERSION, schema.SCHEMA_VERSION)
+        await store.close()
+
+    asyncio.run(run())
+
+
+def test_an_upgrade_applies_only_new_migrations_and_keeps_data(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def run() -> None:
+        store = await FhirStore.open(db_url)
+        async with store.write() as s:
+            created = await s.create(_patient("kept"))
+        await store.close()
+        extra = ("CREATE INDEX fhir_test_upgrade ON fhir_version (method)",)
+        monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, extra))
+        monkeypatch.setattr(schema, "SCHEMA_VERSION", len(schema.MIGRATIONS))
+        store = await FhirStore.open(db_url)
+        async with store.read() as s:
+            assert await schema.current_version(s.conn) == schema.SCHEMA_VERSION
+            found = await s.current("Patient", created.id)
+            assert found is not None
+            assert found.body == created.body
+            page = await s.search(_by_identifier("kept"))
+            assert [m.id for m in page.matches] == [created.id]
+        await store.close()
+
+    asyncio.run(run())
+
+
+def test_a_database_from_a_newer_fhirgate_is_refused(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def run() -> None:
+        store = await FhirStore.open(db_url)
+        async with store.write() as s:
+            await s.conn.execute("UPDATE fhir_schema SET version = ?", (schema.SCHEMA_VERSION + 5,))
+        await store.close()
+        with pytest.raises(DatabaseUrlError, match="newer than this fhirgate"):
+            await FhirStore.open(db_url)
+
+    asyncio.run(run())
+
+
+def test_a_failed_transaction_leaves_nothing(db_url: str) -> None:
+    async def run() -> None:
+        store = await FhirStore.open(db_url)
+        with pytest.raises(FhirError):
+            async with store.write() as s:
+                await s.create(_patient("rolled-back"))
+                await s.flush()  # index rows written too, inside the transaction
+                raise FhirError(422, "boom")
+        async with store.read() as s:
+            assert (await s.search(_by_identifier("rolled-back"))).matches == []
+            rows = await s.conn.fetch("SELECT COUNT(*) FROM fhir_token")
+            assert rows[0][0] == 0
+            assert await s.history(None, None, None, None, 10, 0) == ([], 0)
+        await store.close()
+
+    asyncio.run(run())
+
+
+def test_concurrent_writers_never_lose_an_update(db_url: str) -> None:
+    """Twenty concurrent updates: every one gets its own version, none is lost; with If-Match on
+    the same version exactly one wins and the others get 412."""
+
+    async def run() -> None:
+        store = await FhirStore.open(db_url)
+        async with store.write() as s:
+            created = await s.create(_patient("race"))
+
+        async def update(n: int, if_match: int | None) -> int:
+            async with store.write() as s:
+                stored, _ = await s.update(
+                    {**_patient("race"), "id": created.id, "birthDate": f"19{n:02d}"}, created.id, if_match
+                )
+                return stored.version
+
+        versions = await asyncio.gather(*(update(n, None) for n in range(20)))
+        assert sorted(versions) == list(range(2, 22))
+        results = await asyncio.gather(*(update(n, 21) for n in range(10)), return_exceptions=True)
+        wins = [r for r in results if isinstance(r, int)]
+        losses = [r for r in results if isinstance(r, FhirError)]
+        assert wins == [22]
+        assert len(losses) == 9
+        assert all(e.status == 412 for e in losses)
+        async with store.read() as s:
+            history, total = await s.history("Patient", created.id, None, None, 100, 0)
+            assert total == 22
+            assert sorted(h.version for h in history) == list(range(1, 23))
+        await store.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("url", "text"),
+    [
+        ("mysql://x/y", "unsupported database URL"),
+        ("sqlite://", "no database file"),
+        ("sqlite:///x.db?synchronous=sometimes", "synchronous must be"),
+    ],
+)
+def test_bad_database_urls_are_explained(url: str, text: str) -> None:
+    with pytest.raises(DatabaseUrlError, match=text):
+        asyncio.run(open_backend(url))
