@@ -66,7 +66,8 @@ def test_transaction_rewrites_urn_uuid_references(fhir: RunningFhir) -> None:
     statuses = [e["response"]["status"] for e in body["entry"]]
     assert statuses == ["201 Created", "201 Created"]
     enc_loc, pat_loc = (e["response"]["location"] for e in body["entry"])
-    assert pat_loc.startswith("Patient/") and pat_loc.endswith("/_history/1")
+    assert pat_loc.startswith("Patient/")
+    assert pat_loc.endswith("/_history/1")
     patient_ref = "/".join(pat_loc.split("/")[:2])
     encounter = fhir.client.get("/" + "/".join(enc_loc.split("/")[:2])).json()
     assert encounter["subject"]["reference"] == patient_ref

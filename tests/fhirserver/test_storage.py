@@ -91,11 +91,15 @@ def test_a_database_from_a_newer_fhirgate_is_refused(db_url: str, monkeypatch: p
 def test_a_failed_transaction_leaves_nothing(db_url: str) -> None:
     async def run() -> None:
         store = await FhirStore.open(db_url)
-        with pytest.raises(FhirError):
+
+        async def failing_write() -> None:
             async with store.write() as s:
                 await s.create(_patient("rolled-back"))
                 await s.flush()  # index rows written too, inside the transaction
                 raise FhirError(422, "boom")
+
+        with pytest.raises(FhirError):
+            await failing_write()
         async with store.read() as s:
             assert (await s.search(_by_identifier("rolled-back"))).matches == []
             rows = await s.conn.fetch("SELECT COUNT(*) FROM fhir_token")
