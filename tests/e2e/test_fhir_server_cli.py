@@ -128,3 +128,51 @@ def test_full_synchronous_mode_and_bad_database_url(tmp_path: Path) -> None:
     )
     assert bad.returncode == 1
     assert "unsupported database URL" in bad.stderr
+
+
+def test_readme_workflow_demo_data_then_load(tmp_path: Path) -> None:
+    """`fhirgate demo-data`, `fhirgate fhir-server`, `fhirgate load`: the README's commands."""
+    out = tmp_path / "demo"
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fhirgate.cli.main",
+            "demo-data",
+            "--patients",
+            "3",
+            "--seed",
+            "7",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    with fhir_server(tmp_path) as (base, _), httpx.Client(base_url=base) as client:
+        loaded = subprocess.run(
+            [sys.executable, "-m", "fhirgate.cli.main", "load", str(out), "--fhir", base],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+        patients = client.get("/Patient", params={"_count": 10}).json()
+        assert patients["total"] == 3
+        pid = patients["entry"][0]["resource"]["id"]
+        labs = client.get(
+            "/Observation", params={"patient": f"Patient/{pid}", "category": "laboratory"}
+        ).json()
+        assert labs["entry"]
+        vitals = client.get(
+            f"/Patient/{pid}/Observation", params={"category": "vital-signs", "_count": 1}
+        ).json()
+        assert vitals["entry"][0]["resource"]["subject"]["reference"] == f"Patient/{pid}"
+        # conditional references to the directory bundle were resolved to real ids
+        enc = client.get("/Encounter", params={"patient": pid, "_count": 1}).json()["entry"][0]["resource"]
+        assert enc["serviceProvider"]["reference"].startswith("Organization/")
+        assert "?" not in enc["serviceProvider"]["reference"]
