@@ -99,6 +99,8 @@ def period_range(start: str | None, end: str | None) -> tuple[int, int]:
 
 def normalize_string(text: str) -> str:
     """Case- and accent-insensitive form used for string index values and string searches."""
+    if text.isascii():  # NFKD and accent stripping change nothing in ASCII; casefold == lower
+        return " ".join(text.lower().split())
     decomposed = unicodedata.normalize("NFKD", text)
     stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
     return " ".join(stripped.casefold().split())

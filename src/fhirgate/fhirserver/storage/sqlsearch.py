@@ -10,10 +10,11 @@ laboratory Observation. Semantics follow R4 search.html §3.1.1.4 (types, prefix
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from fhirgate.fhirserver.definitions import param_id
+from fhirgate.fhirserver.definitions import definitions, param_id
 from fhirgate.fhirserver.model import (
     DateValue,
     HasClause,
@@ -107,11 +108,12 @@ def _value_sql(clause: ParamClause, value: SearchValue, x: str) -> Sql:
     if isinstance(value, NumberValue):
         return _number_sql(value.prefix, value.value, value.low, value.high, f"{x}.value")
     if isinstance(value, UriValue):
-        if mod == "below":
-            return f"{x}.value LIKE ? ESCAPE '\\'", [f"{_like_escape(value.value)}%"]
-        if mod == "above":
-            # stored URIs that are a prefix of the searched one
-            return f"? LIKE ({x}.value || '%')", [value.value]
+        # URIs compare case-sensitively and character by character: no LIKE, whose `_`/`%` in a
+        # stored value would be wildcards and which ignores ASCII case on SQLite.
+        if mod == "below":  # stored URIs that start with the searched one
+            return f"SUBSTR({x}.value, 1, ?) = ?", [len(value.value), value.value]
+        if mod == "above":  # stored URIs that the searched one starts with
+            return f"{x}.value = SUBSTR(CAST(? AS TEXT), 1, LENGTH({x}.value))", [value.value]
         return f"{x}.value = ?", [value.value]
     raise AssertionError(f"unexpected search value {value!r}")
 
@@ -128,9 +130,12 @@ def _date_sql(value: DateValue, low: str, high: str) -> Sql:
     if prefix == "lt":
         return f"{low} < ?", [s_lo]
     if prefix == "ge":
-        return f"{high} >= ?", [s_lo]
+        # the range above the search value overlaps the target, or the search value contains it
+        # (a target that starts inside and ends after it is "above"; one that starts before is not)
+        return f"({high} > ? OR {low} >= ?)", [s_hi, s_lo]
     if prefix == "le":
-        return f"{low} <= ?", [s_hi]
+        # the range below the search value overlaps the target, or the search value contains it
+        return f"({low} < ? OR {high} <= ?)", [s_lo, s_hi]
     if prefix == "sa":
         return f"{low} > ?", [s_hi]
     if prefix == "eb":
@@ -170,8 +175,10 @@ def _number_sql(prefix: str, value: Decimal, low: Decimal, high: Decimal, col: s
 
 
 class _Compiler:
-    def __init__(self) -> None:
+    def __init__(self, types: Sequence[str] = ()) -> None:
         self.n = 0
+        #: the types of a system-level search (empty: every type), whose clauses are on "Resource"
+        self.types = types
 
     def alias(self) -> str:
         self.n += 1
@@ -197,30 +204,62 @@ class _Compiler:
                 parts.append(f"({sql})")
                 date_args += a
             return f"({' OR '.join(parts)})", date_args
-        x = self.alias()
         if clause.modifier == "missing":
-            table = _TABLE[clause.type]
-            exists = f"EXISTS (SELECT 1 FROM {table} {x} WHERE {x}.pid = {res}.pid AND {x}.param = ?)"
-            return (f"NOT {exists}" if clause.missing else exists), [clause.param_id]
+            return self._missing(clause, res)
+        x = self.alias()
         if clause.chain is not None:
-            t = self.alias()
-            inner, inner_args = self.clause(clause.chain, t, clause.chain_type or clause.chain.resource_type)
-            sql = (
-                f"EXISTS (SELECT 1 FROM fhir_reference {x} JOIN fhir_resource {t} "
-                f"ON {t}.type = {x}.target_type AND {t}.id = {x}.target_id "
-                f"WHERE {x}.pid = {res}.pid AND {x}.param = ? AND {t}.deleted = 0"
-            )
-            args: list[Any] = [clause.param_id]
-            if clause.chain_type:
-                sql += f" AND {x}.target_type = ?"
-                args.append(clause.chain_type)
-            return f"{sql} AND {inner})", args + inner_args
-        table, pid_param = self._table_param(clause)
+            return self._chain(clause, clause.chain, res, x)
+        table, pids = self._table_params(clause)
+        param_sql, param_args = _param_sql(x, pids)
         ors, args = self._values(clause, x)
-        exists = f"EXISTS (SELECT 1 FROM {table} {x} WHERE {x}.pid = {res}.pid AND {x}.param = ? AND ({ors}))"
+        exists = f"EXISTS (SELECT 1 FROM {table} {x} WHERE {x}.pid = {res}.pid AND {param_sql} AND ({ors}))"
         if clause.modifier == "not":
-            return f"NOT {exists}", [pid_param, *args]
-        return exists, [pid_param, *args]
+            return f"NOT {exists}", [*param_args, *args]
+        return exists, [*param_args, *args]
+
+    def _missing(self, clause: ParamClause, res: str) -> Sql:
+        """search.html#missing: whether the resource has any value for the parameter (for a
+        reference, a `Reference.identifier` is a value too)."""
+        probes: list[tuple[str, list[int]]] = [(_TABLE[clause.type], self._param_ids(clause, ""))]
+        if clause.type == "reference":
+            probes.append(("fhir_token", self._param_ids(clause, ":identifier")))
+        parts: list[str] = []
+        args: list[Any] = []
+        for table, pids in probes:
+            x = self.alias()
+            param_sql, param_args = _param_sql(x, pids)
+            parts.append(f"EXISTS (SELECT 1 FROM {table} {x} WHERE {x}.pid = {res}.pid AND {param_sql})")
+            args += param_args
+        exists = " OR ".join(parts)
+        return (f"NOT ({exists})" if clause.missing else f"({exists})"), args
+
+    def _chain(self, clause: ParamClause, chain: ParamClause, res: str, x: str) -> Sql:
+        """search.html#chaining: a reference of `res` (through `clause`) to a current resource
+        that matches `chain`. Without a target type, `chain` is resolved on each type the
+        reference parameter can point to (its param_id is per type)."""
+        t = self.alias()
+        if clause.chain_type:
+            targets = [clause.chain_type]
+        else:
+            targets = _reference_targets(clause.resource_type, clause.code, chain.code)
+            if not targets:
+                return "1 = 0", []
+        sql = (
+            f"EXISTS (SELECT 1 FROM fhir_reference {x} JOIN fhir_resource {t} "
+            f"ON {t}.type = {x}.target_type AND {t}.id = {x}.target_id "
+            f"WHERE {x}.pid = {res}.pid AND {x}.param = ? AND {t}.deleted = 0 "
+            f"AND {x}.target_type IN ({', '.join('?' * len(targets))})"
+        )
+        args: list[Any] = [clause.param_id, *targets]
+        if len(targets) == 1:
+            inner, inner_args = self.clause(_retarget(chain, targets[0]), t, targets[0])
+            return f"{sql} AND {inner})", args + inner_args
+        parts: list[str] = []
+        for target in targets:
+            inner, inner_args = self.clause(_retarget(chain, target), t, target)
+            parts.append(f"({t}.type = ? AND {inner})")
+            args += [target, *inner_args]
+        return f"{sql} AND ({' OR '.join(parts)}))", args
 
     def driving(self, clause: ParamClause | HasClause) -> Sql | None:
         """`SELECT pid ...` for a clause that can drive the query from its index, else None."""
@@ -228,17 +267,29 @@ class _Compiler:
             return None
         if clause.modifier in ("missing", "not") or clause.code in ("_id", "_lastUpdated"):
             return None
-        table, pid_param = self._table_param(clause)
+        table, pids = self._table_params(clause)
         x = self.alias()
+        param_sql, param_args = _param_sql(x, pids)
         ors, args = self._values(clause, x)
-        return f"SELECT {x}.pid FROM {table} {x} WHERE {x}.param = ? AND ({ors})", [pid_param, *args]
+        return f"SELECT {x}.pid FROM {table} {x} WHERE {param_sql} AND ({ors})", [*param_args, *args]
 
-    def _table_param(self, clause: ParamClause) -> tuple[str, int]:
+    def _table_params(self, clause: ParamClause) -> tuple[str, list[int]]:
         if clause.modifier == "identifier":
-            return "fhir_token", param_id(clause.resource_type, clause.code + ":identifier")
+            return "fhir_token", self._param_ids(clause, ":identifier")
         if clause.type == "token" and clause.modifier == "text":
-            return "fhir_token", clause.param_id
-        return _TABLE[clause.type], clause.param_id
+            return "fhir_token", self._param_ids(clause, "")
+        return _TABLE[clause.type], self._param_ids(clause, "")
+
+    def _param_ids(self, clause: ParamClause, suffix: str) -> list[int]:
+        """The index keys of `clause` (`suffix` ":identifier" for `Reference.identifier` rows).
+        A clause of a system-level search is on "Resource": index rows are keyed per resource
+        type, so it stands for the parameter of every type searched."""
+        if clause.resource_type == "Resource":
+            types = self.types or sorted(definitions().resource_types)
+            return [param_id(t, clause.code + suffix) for t in types]
+        if suffix:
+            return [param_id(clause.resource_type, clause.code + suffix)]
+        return [clause.param_id]
 
     def _values(self, clause: ParamClause, x: str) -> Sql:
         parts: list[str] = []
@@ -258,6 +309,28 @@ class _Compiler:
             f"AND {inner})"
         )
         return sql, [clause.reference_param_id, rtype, *inner_args]
+
+
+def _param_sql(x: str, pids: Sequence[int]) -> Sql:
+    if len(pids) == 1:
+        return f"{x}.param = ?", [pids[0]]
+    return f"{x}.param IN ({', '.join('?' * len(pids))})", list(pids)
+
+
+def _reference_targets(rtype: str, code: str, chained: str) -> list[str]:
+    """The types a reference parameter can point to that define the chained parameter `chained`
+    (every type when the parameter names none)."""
+    defs = definitions()
+    spd = defs.params(rtype).get(code)
+    targets = spd.targets if spd is not None and spd.targets else sorted(defs.resource_types)
+    return [t for t in targets if chained in defs.params(t)]
+
+
+def _retarget(chain: ParamClause, target: str) -> ParamClause:
+    """`chain` as a clause on `target`."""
+    if chain.resource_type == target:
+        return chain
+    return replace(chain, resource_type=target, param_id=param_id(target, chain.code))
 
 
 _DRIVE_ORDER = {"reference": 0, "token": 1, "uri": 1, "string": 2, "quantity": 3, "number": 3, "date": 4}
@@ -304,7 +377,7 @@ def _sort_sql(query: SearchQuery) -> Sql:
 
 def compile_where(query: SearchQuery) -> Sql:
     """The WHERE clause selecting the matching current resources `r`."""
-    comp = _Compiler()
+    comp = _Compiler(query.types if query.resource_type is None else ())
     where: list[str] = ["r.deleted = 0"]
     args: list[Any] = []
     if query.resource_type is not None:
