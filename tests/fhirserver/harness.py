@@ -80,7 +80,9 @@ class RunningFhir:
 
 @contextlib.contextmanager
 def running_fhir(database_url: str, backend: str = "sqlite", **options: Any) -> Iterator[RunningFhir]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only then, and without
+    # it every kept-alive response waits for a delayed ACK (~40 ms).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

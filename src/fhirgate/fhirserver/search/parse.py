@@ -222,7 +222,8 @@ def parse_search(
         except _Skip as skip:
             if strict:
                 raise bad_request(
-                    f"{_capitalize(skip.reason)} (rejected: the request asked for Prefer: handling=strict)"
+                    f"Parameter '{name}': {skip.reason} "
+                    "(rejected: the request asked for Prefer: handling=strict)"
                 ) from None
             ignored.append((name, skip.reason))
 

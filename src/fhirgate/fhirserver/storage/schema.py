@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 from fhirgate.fhirserver.storage.backend import Connection
 
-# {pk}: auto-increment integer key; {blob}: bytes; {text_c}: text compared byte-wise (prefix
-# ranges on normalised strings must not depend on the database's collation).
+# {pk}: auto-increment integer key; {blob}: bytes; {text_c}: text compared byte-wise, so prefix
+# ranges and `_sort` order are the same on SQLite and on PostgreSQL whatever its locale.
 _TYPES = {
     "sqlite": {"pk": "INTEGER PRIMARY KEY", "blob": "BLOB", "text_c": "TEXT", "real": "REAL"},
     "postgresql": {
@@ -46,7 +46,7 @@ MIGRATIONS: Sequence[Sequence[str]] = (
         """CREATE TABLE fhir_resource (
             pid {pk},
             type TEXT NOT NULL,
-            id TEXT NOT NULL,
+            id {text_c} NOT NULL,
             version INTEGER NOT NULL,
             last_updated BIGINT NOT NULL,
             deleted SMALLINT NOT NULL DEFAULT 0,
@@ -64,11 +64,11 @@ MIGRATIONS: Sequence[Sequence[str]] = (
         "CREATE INDEX fhir_version_type_updated ON fhir_version (type, last_updated)",
         "CREATE INDEX fhir_resource_type_pid ON fhir_resource (type, deleted, pid)",
         "CREATE INDEX fhir_resource_type_updated ON fhir_resource (type, last_updated)",
-        "CREATE TABLE fhir_string (pid BIGINT NOT NULL, param BIGINT NOT NULL, norm {text_c}, exact TEXT)",
+        "CREATE TABLE fhir_string (pid BIGINT NOT NULL, param BIGINT NOT NULL, norm {text_c}, exact {text_c})",
         "CREATE INDEX fhir_string_value ON fhir_string (param, norm, pid)",
         "CREATE INDEX fhir_string_pid ON fhir_string (pid, param)",
-        """CREATE TABLE fhir_token (pid BIGINT NOT NULL, param BIGINT NOT NULL, system TEXT, code TEXT,
-            text {text_c})""",
+        """CREATE TABLE fhir_token (pid BIGINT NOT NULL, param BIGINT NOT NULL, system {text_c},
+            code {text_c}, text {text_c})""",
         "CREATE INDEX fhir_token_value ON fhir_token (param, code, system, pid)",
         "CREATE INDEX fhir_token_pid ON fhir_token (pid, param)",
         "CREATE TABLE fhir_date (pid BIGINT NOT NULL, param BIGINT NOT NULL, low BIGINT, high BIGINT)",
@@ -81,11 +81,11 @@ MIGRATIONS: Sequence[Sequence[str]] = (
             unit TEXT, value {real})""",
         "CREATE INDEX fhir_quantity_value ON fhir_quantity (param, value, pid)",
         "CREATE INDEX fhir_quantity_pid ON fhir_quantity (pid, param)",
-        "CREATE TABLE fhir_uri (pid BIGINT NOT NULL, param BIGINT NOT NULL, value TEXT)",
+        "CREATE TABLE fhir_uri (pid BIGINT NOT NULL, param BIGINT NOT NULL, value {text_c})",
         "CREATE INDEX fhir_uri_value ON fhir_uri (param, value, pid)",
         "CREATE INDEX fhir_uri_pid ON fhir_uri (pid, param)",
         """CREATE TABLE fhir_reference (pid BIGINT NOT NULL, param BIGINT NOT NULL, target_type TEXT,
-            target_id TEXT, url TEXT)""",
+            target_id {text_c}, url {text_c})""",
         "CREATE INDEX fhir_reference_value ON fhir_reference (param, target_id, target_type, pid)",
         "CREATE INDEX fhir_reference_target ON fhir_reference (target_type, target_id)",
         "CREATE INDEX fhir_reference_pid ON fhir_reference (pid, param)",

@@ -412,10 +412,12 @@ async def run(session: Session, query: SearchQuery, max_include: int) -> SearchP
     where, args = compile_where(query)
     conn = session.conn
     total: int | None = None
-    if query.summary == "count" or query.total in ("accurate", "estimate"):
+    # search.html#count: `_count=0` is treated as `_summary=count` (the total, no entries)
+    count_only = query.summary == "count" or query.count == 0
+    if count_only or query.total in ("accurate", "estimate"):
         row = await conn.fetchrow(f"SELECT COUNT(*) FROM fhir_resource r WHERE {where}", args)
         total = int(row[0]) if row else 0
-    if query.summary == "count" or query.count == 0:
+    if count_only:
         return SearchPage([], [], total, False, [])
     order, order_args = _sort_sql(query)
     rows = await conn.fetch(
@@ -427,7 +429,11 @@ async def run(session: Session, query: SearchQuery, max_include: int) -> SearchP
     pids = pids[: query.count]
     matches = await session.by_pids(pids)
     if total is None and not has_next and query.total != "none":
-        total = query.offset + len(matches)
+        if pids or query.offset == 0:
+            total = query.offset + len(pids)  # the last page: everything before it was full
+        else:  # a page past the end says nothing about how many came before it
+            row = await conn.fetchrow(f"SELECT COUNT(*) FROM fhir_resource r WHERE {where}", args)
+            total = int(row[0]) if row else 0
     included, warnings = await _includes(session, query, matches, max_include)
     return SearchPage(matches, included, total, has_next, warnings)
 
