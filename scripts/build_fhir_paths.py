@@ -14,10 +14,20 @@ date differently from a Period) and, for choice elements `value[x]`, the list of
 writes `src/fhirgate/fhirserver/data/paths-r4.json.gz` (committed; deterministic: sorted keys,
 gzip mtime 0). Its shape:
 
-    {"types": {owner: {element: type | [choice types]}}, "base": {type: base type}}
+    {"types": {owner: {element: type | [choice types]}}, "base": {type: base type},
+     "systems": {owner.element: code system url}}
 
 `owner` is a resource or data type name, or the path of a backbone element
 (`Observation.component`); a backbone element's (or a `contentReference`'s) type is that path.
+
+`systems` gives, for an element of type `code`, the code system its values come from, for the token
+search index: R4 search.html#token says a `code` element's system is "implied by the value set
+binding". Only a `required` binding makes that certain (an `extensible` or `preferred` one admits
+codes from elsewhere), and only when the bound ValueSet (`binding.valueSet`, any `|version`
+dropped) is one of HL7's -- the FHIR R4 value sets (`valuesets.json`) or the THO/v3 ones
+(`v3-codesystems.json`) -- whose `compose.include` entries all name the same `system`. A ValueSet
+drawing on two systems (`all-types`, `detectedissue-status`...), including other value sets, or not
+found leaves the element out: its tokens keep no system.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from __future__ import annotations
 import gzip
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +48,33 @@ def _structure_definitions(path: Path) -> list[dict[str, Any]]:
     return [
         e["resource"] for e in bundle["entry"] if e["resource"].get("resourceType") == "StructureDefinition"
     ]
+
+
+def _value_sets(*paths: Path) -> dict[str, dict[str, Any]]:
+    """The ValueSets of the bundles at `paths`, by url (the first bundle wins on a duplicate)."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for e in json.loads(path.read_text())["entry"]:
+            r = e["resource"]
+            if r.get("resourceType") == "ValueSet":
+                out.setdefault(r["url"], r)
+    return out
+
+
+def _bound_system(el: dict[str, Any], value_sets: Mapping[str, dict[str, Any]]) -> str | None:
+    """The one code system a required binding of `el` draws its codes from, if certain."""
+    binding = el.get("binding")
+    if not binding or binding.get("strength") != "required" or "valueSet" not in binding:
+        return None
+    vs = value_sets.get(binding["valueSet"].split("|", 1)[0])
+    if vs is None:
+        return None
+    includes = vs.get("compose", {}).get("include", [])
+    systems = {inc.get("system") for inc in includes}
+    if len(systems) != 1 or None in systems or any("valueSet" in inc for inc in includes):
+        return None
+    (system,) = systems
+    return str(system)
 
 
 def _type_code(t: dict[str, Any]) -> str:
@@ -54,6 +92,8 @@ def _type_code(t: dict[str, Any]) -> str:
 def build(src: Path) -> dict[str, Any]:
     owners: dict[str, dict[str, str | list[str]]] = {}
     base: dict[str, str] = {}
+    systems: dict[str, str] = {}
+    value_sets = _value_sets(src / "valuesets.json", src / "v3-codesystems.json")
     sds = _structure_definitions(src / "profiles-types.json") + _structure_definitions(
         src / "profiles-resources.json"
     )
@@ -89,15 +129,21 @@ def build(src: Path) -> dict[str, Any]:
                     types = codes
                 else:
                     (types,) = codes
+                    system = _bound_system(el, value_sets) if types == "code" else None
+                    if system is not None:
+                        systems[f"{owner}.{elem}"] = system
             owners.setdefault(owner, {})[elem] = types
-    return {"types": owners, "base": base}
+    return {"types": owners, "base": base, "systems": systems}
 
 
 def main() -> None:
     data = build(Path(sys.argv[1]))
     blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     OUT.write_bytes(gzip.compress(blob, 9, mtime=0))
-    print(f"wrote {OUT.name}: {len(data['types'])} owners, {len(blob)} bytes of JSON")
+    print(
+        f"wrote {OUT.name}: {len(data['types'])} owners, {len(data['systems'])} code elements "
+        f"with a bound system, {len(blob)} bytes of JSON"
+    )
 
 
 if __name__ == "__main__":

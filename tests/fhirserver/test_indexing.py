@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from fhirgate.fhirserver.definitions import RESOURCE_COLUMNS, definitions, param_id
+from fhirgate.fhirserver.fhirpath import compile_strict
 from fhirgate.fhirserver.indexing import Indexer
 from fhirgate.fhirserver.model import IndexRows
 from fhirgate.fhirserver.values import DATE_MAX, DATE_MIN
@@ -97,7 +98,9 @@ def test_strings_human_name_and_address_parts_normalised(ix: Indexer) -> None:
         ]
     }
     assert rows_of(rows, "Patient", "address-city") == {"strings": [("paris", "Paris")]}
-    assert rows_of(rows, "Patient", "address-use") == {"tokens": [(None, "home", None)]}
+    assert rows_of(rows, "Patient", "address-use") == {
+        "tokens": [("http://hl7.org/fhir/address-use", "home", None)]
+    }
 
 
 def test_string_plain_and_markdown(ix: Indexer) -> None:
@@ -148,7 +151,9 @@ def test_tokens_codeable_concept_coding_text(ix: Indexer) -> None:
     }
     # the text equal to a coding's display adds no row
     assert rows_of(rows, "Observation", "category") == {"tokens": [(None, "vital-signs", "vital signs")]}
-    assert rows_of(rows, "Observation", "status") == {"tokens": [(None, "final", None)]}
+    assert rows_of(rows, "Observation", "status") == {
+        "tokens": [("http://hl7.org/fhir/observation-status", "final", None)]
+    }
     assert rows_of(rows, "Observation", "_tag") == {"tokens": [("urn:t", "a", "a tag")]}
     assert rows_of(rows, "Observation", "_security") == {"tokens": [("urn:s", "R", None)]}
     assert rows_of(rows, "Observation", "_profile") == {
@@ -184,10 +189,112 @@ def test_tokens_identifier_contact_point_boolean_code(ix: Indexer) -> None:
     assert rows_of(rows, "Patient", "phone") == {"tokens": [(None, "+1 555 0100", None)]}
     assert rows_of(rows, "Patient", "email") == {"tokens": [(None, "Jane@Example.org", None)]}
     assert rows_of(rows, "Patient", "active") == {"tokens": [(None, "false", None)]}
-    assert rows_of(rows, "Patient", "gender") == {"tokens": [(None, "female", None)]}
+    assert rows_of(rows, "Patient", "gender") == {
+        "tokens": [("http://hl7.org/fhir/administrative-gender", "female", None)]
+    }
     assert rows_of(rows, "Patient", "language") == {"tokens": [("urn:ietf:bcp:47", "fr", None)]}
     # `Patient.deceased.exists() and Patient.deceased != false`: false when absent
     assert rows_of(rows, "Patient", "deceased") == {"tokens": [(None, "false", None)]}
+
+
+# A `code` element's token system is the one "implied by the value set binding" (search.html#token):
+# the code system of a required binding whose ValueSet draws on that one system.
+@pytest.mark.parametrize(
+    ("resource", "code", "system", "value"),
+    [
+        (
+            {"resourceType": "Patient", "gender": "male"},
+            "gender",
+            "http://hl7.org/fhir/administrative-gender",
+            "male",
+        ),
+        (
+            {"resourceType": "Observation", "status": "amended"},
+            "status",
+            "http://hl7.org/fhir/observation-status",
+            "amended",
+        ),
+        (
+            {"resourceType": "Encounter", "status": "finished"},
+            "status",
+            "http://hl7.org/fhir/encounter-status",
+            "finished",
+        ),
+        # a code of a data type (Address.use, required binding to address-use)
+        (
+            {"resourceType": "Patient", "address": [{"use": "home", "city": "X"}]},
+            "address-use",
+            "http://hl7.org/fhir/address-use",
+            "home",
+        ),
+        # a THO value set (v3-ConfidentialityClassification: v3-Confidentiality codes only)
+        (
+            {"resourceType": "Composition", "confidentiality": "N"},
+            "confidentiality",
+            "http://terminology.hl7.org/CodeSystem/v3-Confidentiality",
+            "N",
+        ),
+        # a code of a backbone element (CapabilityStatement.rest.resource.type)
+        (
+            {
+                "resourceType": "CapabilityStatement",
+                "rest": [{"mode": "server", "resource": [{"type": "Patient"}]}],
+            },
+            "resource",
+            "http://hl7.org/fhir/resource-types",
+            "Patient",
+        ),
+        # Attachment.language: a `preferred` binding, no certain system
+        (
+            {"resourceType": "DocumentReference", "content": [{"attachment": {"language": "fr"}}]},
+            "language",
+            None,
+            "fr",
+        ),
+        # Task.intent: required, but task-intent draws on task-intent and request-intent
+        ({"resourceType": "Task", "intent": "order"}, "intent", None, "order"),
+        # DetectedIssue.status: required, but on observation-status and detectedissue-status
+        ({"resourceType": "DetectedIssue", "status": "final"}, "status", None, "final"),
+        # SearchParameter.code: no binding at all
+        ({"resourceType": "SearchParameter", "code": "gender"}, "code", None, "gender"),
+        # Coding.code (unbound) reached by a US Core expression: no system either
+        (
+            {
+                "resourceType": "Patient",
+                "extension": [
+                    {
+                        "url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity",
+                        "extension": [
+                            {"url": "ombCategory", "valueCoding": {"system": "urn:x", "code": "2186-5"}}
+                        ],
+                    }
+                ],
+            },
+            "ethnicity",
+            None,
+            "2186-5",
+        ),
+    ],
+)
+def test_tokens_code_system_from_required_binding(
+    ix: Indexer, resource: dict[str, Any], code: str, system: str | None, value: str
+) -> None:
+    rows = ix.extract(resource)
+    assert rows_of(rows, resource["resourceType"], code) == {"tokens": [(system, value, None)]}
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "Patient.gender",
+        "Patient.gender.where($this = 'male')",
+        "Patient.gender.first()",
+        "Patient.gender as code",
+    ],
+)
+def test_code_system_survives_where_first_as(expression: str) -> None:
+    (branch,) = compile_strict(expression, "Patient").branches
+    assert (branch.type, branch.system) == ("code", "http://hl7.org/fhir/administrative-gender")
 
 
 @pytest.mark.parametrize(
@@ -470,7 +577,9 @@ def test_unknown_or_malformed_never_raises(ix: Indexer) -> None:
         "status": "final",
     }
     rows = ix.extract(weird)
-    assert rows_of(rows, "Observation", "status") == {"tokens": [(None, "final", None)]}
+    assert rows_of(rows, "Observation", "status") == {
+        "tokens": [("http://hl7.org/fhir/observation-status", "final", None)]
+    }
     assert rows_of(rows, "Observation", "value-quantity") == {}
 
 

@@ -9,7 +9,8 @@ type, into a chain of closures that walk the resource's JSON directly.
 The compiler is statically typed: from the R4 StructureDefinitions (`data/paths-r4.json.gz`, built
 by `scripts/build_fhir_paths.py`) it knows the FHIR type of the element each step reaches, so it
 never inspects JSON shapes at run time to guess a type. A compiled expression is a list of
-*branches*, each a function producing JSON values of one known FHIR type; a choice element
+*branches*, each a function producing JSON values of one known FHIR type (and, for a `code`
+element whose required binding draws on one code system, that system); a choice element
 without a type (`Observation.value`, R4 formats.html#choice, `value[x]`) forks into one branch
 per allowed type, and `as`/`ofType`/`is` are decided per branch at compile time. Union branches
 rooted at another resource type (shared expressions such as `AllergyIntolerance.code |
@@ -66,6 +67,9 @@ class Branch:
     type: str
     #: set when the branch is just `input.key` (lets `where(key = 'x')` test the key directly)
     key: str | None = None
+    #: for a `code` element with a required binding to the codes of one code system, that system
+    #: (the token search index's system for its values, R4 search.html#token)
+    system: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +99,8 @@ class _TypeMap:
     #: owner (type name or backbone path) -> element name (`value[x]` for choices) -> type(s)
     elements: Mapping[str, Mapping[str, str | list[str]]]
     base: Mapping[str, str]
+    #: `owner.element` of a `code` element -> the code system its required binding implies
+    systems: Mapping[str, str]
 
     def is_a(self, type_name: str, wanted: str) -> bool:
         t: str | None = type_name
@@ -109,7 +115,7 @@ class _TypeMap:
 def _type_map() -> _TypeMap:
     blob = resources.files("fhirgate.fhirserver").joinpath("data/paths-r4.json.gz").read_bytes()
     data = json.loads(gzip.decompress(blob))
-    return _TypeMap(elements=data["types"], base=data["base"])
+    return _TypeMap(elements=data["types"], base=data["base"], systems=data["systems"])
 
 
 @functools.cache
@@ -555,7 +561,8 @@ class _Compiler:
         key = None if b.fn is not _identity else name
         if t is not None:
             assert isinstance(t, str)
-            return [Branch(_step(b.fn, name, self.is_primitive(t)), t, key)]
+            system = self.tm.systems.get(f"{b.type}.{name}") if t == "code" else None
+            return [Branch(_step(b.fn, name, self.is_primitive(t)), t, key, system)]
         choices = elements.get(name + "[x]")
         if choices is not None:
             # every choice type reads the same input: evaluate it once per call, not per type
@@ -589,7 +596,7 @@ class _Compiler:
             values = fn(items)
             return [values[n]] if n < len(values) else []
 
-        return [Branch(at, branches[0].type)]
+        return [Branch(at, branches[0].type, system=branches[0].system)]
 
     # -- types (§6.3): decided per branch at compile time, each branch having one FHIR type
 
@@ -685,7 +692,7 @@ class _Compiler:
         def where(items: Values) -> Values:
             return [it for it in fn(items) if test(it)]
 
-        return Branch(where, branch.type)
+        return Branch(where, branch.type, system=branch.system)
 
     def predicate(self, criteria: Any, type_name: str) -> Callable[[Any], bool]:
         """`criteria` as a test of one item: true when it evaluates to `true` (§5.2 where()).

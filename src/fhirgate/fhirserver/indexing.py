@@ -10,8 +10,11 @@ type into rows of the parameter's search type, as R4 search.html defines them pe
   normalised (case- and accent-folded, `values.normalize_string`) next to the exact text.
 - token (search.html#token): Coding (system, code, display); CodeableConcept: a row per coding
   and one with its `text` (for `:text`) unless a coding's display says the same; Identifier
-  (system, value, type.text); ContactPoint: its value; code/string/id/uri: (no system, value);
-  boolean: "true"/"false". Texts are normalised like strings.
+  (system, value, type.text); ContactPoint: its value; code: (the code system "implied by the
+  value set binding", value) when a required binding names one system (`Patient.gender` is
+  administrative-gender: `gender=http://hl7.org/fhir/administrative-gender|male` matches and
+  `gender=|male`, "no system", does not), else (no system, value); string/id/uri: (no system,
+  value); boolean: "true"/"false". Texts are normalised like strings.
 - reference (search.html#reference): `Type/id` (also `[base]/Type/id` of this server, and with any
   `/_history/n` dropped); other absolute URLs, `urn:uuid:`/`urn:oid:` and anything unparseable by
   URL; `#contained` references are not indexed. A canonical `url|version` also gets a row without
@@ -155,7 +158,8 @@ def _string_conv(pid: int, fhir_type: str) -> Converter:
     return complex_
 
 
-def _token_conv(pid: int, fhir_type: str) -> Converter:
+def _token_conv(pid: int, fhir_type: str, system: str | None = None) -> Converter:
+    """`system`: the code system of a `code` element's required binding (`Branch.system`)."""
     if fhir_type == "Coding":
 
         def coding(v: Any, rows: IndexRows) -> None:
@@ -211,9 +215,11 @@ def _token_conv(pid: int, fhir_type: str) -> Converter:
 
         return boolean
 
+    bound = system if fhir_type == "code" else None
+
     def code(v: Any, rows: IndexRows) -> None:
         if isinstance(v, str) and v:
-            rows.tokens.append((pid, None, v, None))
+            rows.tokens.append((pid, bound, v, None))
 
     return code
 
@@ -416,6 +422,8 @@ class Indexer:
                     conv = self._refs.converter(
                         sp.param_id, param_id(rtype, code + ":identifier"), branch.type
                     )
+                elif sp.type == "token":
+                    conv = _token_conv(sp.param_id, branch.type, branch.system)
                 else:
                     conv = _CONVERTERS[sp.type](sp.param_id, branch.type)
                 entries.append((branch.fn, conv))
