@@ -154,3 +154,37 @@ def test_concurrent_writers_never_lose_an_update(db_url: str) -> None:
 def test_bad_database_urls_are_explained(url: str, text: str) -> None:
     with pytest.raises(DatabaseUrlError, match=text):
         asyncio.run(open_backend(url))
+
+
+def test_stores_indexed_by_older_rules_are_reindexed_on_open(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade that changes how resources are indexed rebuilds the index from the stored
+    resources when the store opens: no reload of data."""
+
+    async def run() -> None:
+        store = await FhirStore.open(db_url)
+        async with store.write() as s:
+            ids = [(await s.create(_patient(f"re-{n}"))).id for n in range(7)]
+            await s.delete("Patient", ids[0])
+            # simulate rows built by older rules: an index that has lost these resources' rows
+            await s.conn.execute("DELETE FROM fhir_token")
+            await s.conn.execute("DELETE FROM fhir_compartment")
+        await store.close()
+        monkeypatch.setattr(schema, "INDEX_VERSION", schema.INDEX_VERSION + 1)
+        seen: list[tuple[int, int]] = []
+        store = await FhirStore.open(db_url, progress=lambda done, total: seen.append((done, total)))
+        assert seen[-1] == (6, 6)
+        async with store.read() as s:
+            assert await schema.index_version(s.conn) == schema.INDEX_VERSION
+            assert [m.id for m in (await s.search(_by_identifier("re-3"))).matches] == [ids[3]]
+            assert (await s.search(_by_identifier("re-0"))).matches == []
+            compartments = await s.conn.fetch("SELECT COUNT(*) FROM fhir_compartment")
+            assert compartments[0][0] == 6
+        await store.close()
+        seen.clear()
+        store = await FhirStore.open(db_url, progress=lambda done, total: seen.append((done, total)))
+        assert seen == []  # up to date: no second reindex
+        await store.close()
+
+    asyncio.run(run())

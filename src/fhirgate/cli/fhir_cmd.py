@@ -56,11 +56,28 @@ def run(args: argparse.Namespace) -> int:
     if args.settings:
         os.environ["FHIRGATE_SETTINGS_FILE"] = str(args.settings)
     # Create or migrate the schema once, before the workers start.
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     from fhirgate.fhirserver.storage.backend import DatabaseUrlError
     from fhirgate.fhirserver.storage.store import FhirStore
 
     async def prepare() -> None:
-        store = await FhirStore.open(settings.fhir_database())
+        with Progress(
+            TextColumn("reindexing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+        ) as bar:
+            task = None
+
+            def progress(done: int, total: int) -> None:
+                nonlocal task
+                if task is None:
+                    task = bar.add_task("reindex", total=total)
+                bar.update(task, completed=done)
+
+            store = await FhirStore.open(settings.fhir_database(), progress=progress)
         await store.close()
 
     try:

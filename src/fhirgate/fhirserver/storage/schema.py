@@ -98,6 +98,12 @@ MIGRATIONS: Sequence[Sequence[str]] = (
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
+#: Version of the rules that turn a resource into index rows (search parameter data, FHIRPath
+#: compilation, value conversions). Bump it when they change: a store whose rows were built by
+#: other rules is reindexed from its stored resources on start (`store.reindex`), so an upgrade
+#: never asks a user to reload data.
+INDEX_VERSION = 1
+
 
 async def current_version(conn: Connection) -> int:
     exists = await conn.fetchrow(
@@ -126,11 +132,19 @@ async def migrate(conn: Connection) -> tuple[int, int]:
             "upgrade fhirgate"
         )
     if start == 0:
-        await conn.execute("CREATE TABLE fhir_schema (version INTEGER NOT NULL)")
-        await conn.execute("INSERT INTO fhir_schema (version) VALUES (0)")
+        await conn.execute(
+            "CREATE TABLE fhir_schema (version INTEGER NOT NULL, index_version INTEGER NOT NULL)"
+        )
+        # A new database's (empty) index is built by the current rules.
+        await conn.execute("INSERT INTO fhir_schema (version, index_version) VALUES (0, ?)", (INDEX_VERSION,))
     types = _TYPES[conn.dialect]
     for number in range(start, SCHEMA_VERSION):
         for statement in MIGRATIONS[number]:
             await conn.execute(statement.format(**types))
         await conn.execute("UPDATE fhir_schema SET version = ?", (number + 1,))
     return start, SCHEMA_VERSION
+
+
+async def index_version(conn: Connection) -> int:
+    row = await conn.fetchrow("SELECT index_version FROM fhir_schema")
+    return int(row[0]) if row else 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -22,7 +22,7 @@ from fhirgate import clock
 from fhirgate.fhirserver.errors import FhirError, conflict
 from fhirgate.fhirserver.indexing import Indexer
 from fhirgate.fhirserver.model import IndexRows, SearchQuery
-from fhirgate.fhirserver.storage import sqlsearch
+from fhirgate.fhirserver.storage import schema, sqlsearch
 from fhirgate.fhirserver.storage.backend import Backend, Connection, open_backend
 from fhirgate.fhirserver.storage.schema import INDEX_TABLES, migrate
 
@@ -336,15 +336,58 @@ class FhirStore:
         self.indexer = indexer
 
     @classmethod
-    async def open(cls, url: str, base_url: str | None = None) -> FhirStore:
+    async def open(
+        cls,
+        url: str,
+        base_url: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> FhirStore:
+        """Open (creating or migrating) a store; rebuild its index first if it was built by older
+        indexing rules (`progress(done, total)` is told how far that is)."""
         backend = await open_backend(url)
         try:
             async with backend.transaction() as conn:
                 await migrate(conn)
+                stale = await schema.index_version(conn) != schema.INDEX_VERSION
+            store = cls(backend, Indexer(base_url=base_url))
+            if stale:
+                await store.reindex(progress)
         except BaseException:
             await backend.close()
             raise
-        return cls(backend, Indexer(base_url=base_url))
+        return store
+
+    async def reindex(self, progress: Callable[[int, int], None] | None = None, batch: int = 500) -> int:
+        """Rebuild every current resource's index rows and compartments from its stored JSON, in
+        batches of `batch` resources per transaction, then record the index version. Interrupted,
+        it starts again on the next open; searches stay correct for the batches already done."""
+        async with self.read() as s:
+            row = await s.conn.fetchrow("SELECT COUNT(*), MAX(pid) FROM fhir_resource WHERE deleted = 0")
+        total = int(row[0]) if row else 0
+        done = 0
+        last = 0
+        while True:
+            async with self.write() as s:
+                rows = await s.conn.fetch(
+                    "SELECT r.pid, v.body FROM fhir_resource r JOIN fhir_version v "
+                    "ON v.pid = r.pid AND v.version = r.version "
+                    "WHERE r.deleted = 0 AND r.pid > ? ORDER BY r.pid LIMIT ?",
+                    (last, batch),
+                )
+                if not rows:
+                    await s.conn.execute("UPDATE fhir_schema SET index_version = ?", (schema.INDEX_VERSION,))
+                    break
+                pids = [int(r[0]) for r in rows]
+                marks = ", ".join("?" * len(pids))
+                for table in (*INDEX_TABLES, "fhir_compartment"):
+                    await s.conn.execute(f"DELETE FROM {table} WHERE pid IN ({marks})", pids)
+                for pid, body in rows:
+                    s._queue_index(int(pid), orjson.loads(bytes(body)))
+                last = pids[-1]
+            done += len(rows)
+            if progress is not None:
+                progress(done, total)
+        return done
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[Session]:
