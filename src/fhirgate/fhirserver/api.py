@@ -176,7 +176,7 @@ class FhirServer:
             if method == "POST":
                 return self._bundle, True, ()
             if method == "GET":
-                return self._search_system, False, ()
+                return self._search, False, ()
             raise _method_not_allowed(method, "/", "GET, POST")
         head = segs[0]
         if n == 1 and head == "metadata":
@@ -188,7 +188,7 @@ class FhirServer:
             return self._history, False, ()
         if n == 1 and head == "_search":
             _only(method, ("POST",), "/_search")
-            return self._search_system, False, ()
+            return self._search, False, ()
         rtype = self._type(head)
         if n == 1:
             if method == "GET":
@@ -288,7 +288,7 @@ class FhirServer:
         resource = self._body(request, rtype)
         condition = request.header("if-none-exist")
         if condition:
-            matches = await self._conditional(session, rtype, condition, "If-None-Exist")
+            matches = await self.conditional(session, rtype, condition, "If-None-Exist")
             if len(matches) == 1:
                 return self._resource(request, matches[0], 200)
             if len(matches) > 1:
@@ -316,7 +316,7 @@ class FhirServer:
             raise _method_not_allowed("PUT", f"/{rtype}", "GET, POST (PUT needs an id or search parameters)")
         resource = self._body(request, rtype)
         condition = urlencode(request.params)
-        matches = await self._conditional(session, rtype, condition, "conditional update")
+        matches = await self.conditional(session, rtype, condition, "conditional update")
         if len(matches) > 1:
             raise conflict(412, f"Conditional update {rtype}?{condition} matches more than one resource")
         if matches:
@@ -342,7 +342,7 @@ class FhirServer:
                 "DELETE", f"/{rtype}", "GET, POST (DELETE needs an id or search parameters)"
             )
         condition = urlencode(request.params)
-        matches = await self._conditional(session, rtype, condition, "conditional delete")
+        matches = await self.conditional(session, rtype, condition, "conditional delete")
         if len(matches) > 1:
             raise conflict(412, f"Conditional delete {rtype}?{condition} matches more than one resource")
         if matches:
@@ -430,38 +430,22 @@ class FhirServer:
     # ---- search ------------------------------------------------------------------------------
 
     async def _search(
-        self, request: Request, session: Session, rtype: str, compartment: str | None = None
+        self, request: Request, session: Session, rtype: str | None = None, compartment: str | None = None
     ) -> Response:
-        params = self._search_params(request)
-        strict = prefer(request, "handling") == "strict"
+        """Type (`rtype`), compartment (`Patient/[id]/[rtype]`) or system (no type) search."""
         query = parse_search(
             rtype,
-            params,
+            self._search_params(request),
             supported=self.indexer.is_indexed,
             base_url=self.base,
-            strict=strict,
+            strict=prefer(request, "handling") == "strict",
             default_count=self.default_count,
             max_count=self.max_count,
             compartment=compartment,
         )
         page = await session.search(query, self.max_count)
-        path = f"Patient/{compartment}/{rtype}" if compartment else rtype
+        path = f"Patient/{compartment}/{rtype}" if compartment else (rtype or "")
         return self._searchset(request, path, query, page)
-
-    async def _search_system(self, request: Request, session: Session) -> Response:
-        params = self._search_params(request)
-        strict = prefer(request, "handling") == "strict"
-        query = parse_search(
-            None,
-            params,
-            supported=self.indexer.is_indexed,
-            base_url=self.base,
-            strict=strict,
-            default_count=self.default_count,
-            max_count=self.max_count,
-        )
-        page = await session.search(query, self.max_count)
-        return self._searchset(request, "", query, page)
 
     def _search_params(self, request: Request) -> list[tuple[str, str]]:
         params = list(request.params)
@@ -624,8 +608,19 @@ class FhirServer:
         value = request.header("if-match")
         return None if value is None else parse_etag(value, "If-Match")
 
-    async def _conditional(self, session: Session, rtype: str, condition: str, what: str) -> list[Stored]:
-        params = parse_qsl(condition.split("?", 1)[-1], keep_blank_values=True)
+    async def conditional(
+        self,
+        session: Session,
+        rtype: str,
+        condition: str,
+        what: str,
+        pairs: list[tuple[str, str]] | None = None,
+    ) -> list[Stored]:
+        """At most two matches of a conditional URL (If-None-Exist, conditional update/delete,
+        conditional references): enough to tell none, one and several apart."""
+        params = (
+            pairs if pairs is not None else parse_qsl(condition.split("?", 1)[-1], keep_blank_values=True)
+        )
         if not params:
             raise bad_request(f"{what}: '{condition}' has no search parameters")
         query = parse_search(

@@ -22,7 +22,6 @@ import orjson
 
 from fhirgate.fhirserver.errors import FhirError, bad_request, conflict
 from fhirgate.fhirserver.http import Request, Response, prefer
-from fhirgate.fhirserver.search import parse_search
 from fhirgate.fhirserver.storage.store import FhirStore, Session, Stored
 from fhirgate.fhirserver.validation import validate_resource
 
@@ -214,7 +213,7 @@ async def _transaction(
             if e.method == "POST":
                 cond = e.headers.get("if-none-exist")
                 if cond:
-                    matches = await _search(server, session, rtype, cond)
+                    matches = await server.conditional(session, rtype, cond, "ifNoneExist")
                     if len(matches) > 1:
                         raise conflict(412, f"ifNoneExist {cond} matches more than one {rtype}")
                     if matches:
@@ -225,8 +224,8 @@ async def _transaction(
                 if "/" in e.path:
                     e.rid = e.path.split("/")[1]
                 elif e.params:
-                    matches = await _search(
-                        server, session, rtype, "&".join(f"{k}={v}" for k, v in e.params), pairs=e.params
+                    matches = await server.conditional(
+                        session, rtype, e.raw_url, f"conditional {e.method}", pairs=e.params
                     )
                     if len(matches) > 1:
                         raise conflict(412, f"{e.method} {e.raw_url} matches more than one resource")
@@ -250,28 +249,6 @@ async def _transaction(
             e.result = await _run(server, session, e, representation)
     except FhirError as err:
         raise _at(err, current_index) from None
-
-
-async def _search(
-    server: FhirServer,
-    session: Session,
-    rtype: str,
-    condition: str,
-    pairs: list[tuple[str, str]] | None = None,
-) -> list[Stored]:
-    params = pairs if pairs is not None else parse_qsl(condition.split("?", 1)[-1], keep_blank_values=True)
-    if not params:
-        raise bad_request(f"'{condition}' is not a search")
-    query = parse_search(
-        rtype,
-        params,
-        supported=server.indexer.is_indexed,
-        base_url=server.base,
-        strict=True,
-        default_count=2,
-        max_count=2,
-    )
-    return await session.find_ids(query, limit=2)
 
 
 async def _rewrite(server: FhirServer, session: Session, node: Any, refs: dict[str, str], index: int) -> None:
@@ -300,7 +277,7 @@ async def _resolve(server: FhirServer, session: Session, ref: str, refs: dict[st
         rtype, _, condition = ref.partition("?")
         if rtype not in server.defs.resource_types:
             raise bad_request(f"Conditional reference {ref}: unknown resource type {rtype!r}")
-        matches = await _search(server, session, rtype, condition)
+        matches = await server.conditional(session, rtype, condition, "conditional reference")
         if len(matches) != 1:
             what = "no" if not matches else "more than one"
             raise conflict(
