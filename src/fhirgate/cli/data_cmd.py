@@ -31,7 +31,6 @@ import collections
 import email.utils
 import gzip
 import io
-import ipaddress
 import os
 import random
 import sys
@@ -46,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from fhirgate import __version__
+from fhirgate.cli.jwks_cmd import is_loopback
 
 if TYPE_CHECKING:  # imported when a command runs, so `fhirgate --help` stays light
     import httpx
@@ -577,17 +577,6 @@ def _batch_errors(response: httpx.Response) -> str | None:
     return f"{len(failed)} batch entries failed: {_clip(shown)}"
 
 
-def _is_loopback(host: str | None) -> bool:
-    if host is None:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _run_load(args: argparse.Namespace) -> int:
     token = args.token if args.token is not None else os.environ.get("FHIRGATE_TOKEN") or None
     return load(
@@ -622,7 +611,7 @@ def load(
     if parts.scheme not in ("http", "https") or not parts.hostname:
         say(f"error: --fhir {fhir!r} is not an http(s) URL; give the FHIR base, e.g. {DEFAULT_FHIR}")
         return 2
-    if token and parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if token and parts.scheme == "http" and not is_loopback(parts.hostname):
         say(
             "warning: sending a bearer token over plain http: anyone on the network path can read it; "
             "use https"

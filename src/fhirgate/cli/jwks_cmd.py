@@ -264,7 +264,8 @@ def _safe_url(url: str) -> str:
     return url if url.isprintable() and len(url) <= 300 else repr(url[:300])
 
 
-def _is_loopback(host: str | None) -> bool:
+def is_loopback(host: str | None) -> bool:
+    """`localhost` or a loopback address (where plain http leaks nothing to the network)."""
     if host is None:
         return False
     if host == "localhost":
@@ -294,7 +295,7 @@ def fetch_url(
         )
     if not parts.hostname:
         raise SourceError("the URL has no host; give a URL such as https://idp.example/.well-known/jwks.json")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname) and err is not None:
+    if parts.scheme == "http" and not is_loopback(parts.hostname) and err is not None:
         print(
             "warning: fetching keys over plain http: anyone on the network path could substitute "
             "their own keys; use the https URL",
