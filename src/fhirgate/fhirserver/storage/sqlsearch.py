@@ -210,7 +210,7 @@ class _Compiler:
         if clause.chain is not None:
             return self._chain(clause, clause.chain, res, x)
         table, pids = self._table_params(clause)
-        param_sql, param_args = _param_sql(x, pids)
+        param_sql, param_args = _param_sql(x, pids, probe=True)
         ors, args = self._values(clause, x)
         exists = f"EXISTS (SELECT 1 FROM {table} {x} WHERE {x}.pid = {res}.pid AND {param_sql} AND ({ors}))"
         if clause.modifier == "not":
@@ -227,7 +227,7 @@ class _Compiler:
         args: list[Any] = []
         for table, pids in probes:
             x = self.alias()
-            param_sql, param_args = _param_sql(x, pids)
+            param_sql, param_args = _param_sql(x, pids, probe=True)
             parts.append(f"EXISTS (SELECT 1 FROM {table} {x} WHERE {x}.pid = {res}.pid AND {param_sql})")
             args += param_args
         exists = " OR ".join(parts)
@@ -247,7 +247,7 @@ class _Compiler:
         sql = (
             f"EXISTS (SELECT 1 FROM fhir_reference {x} JOIN fhir_resource {t} "
             f"ON {t}.type = {x}.target_type AND {t}.id = {x}.target_id "
-            f"WHERE {x}.pid = {res}.pid AND {x}.param = ? AND {t}.deleted = 0 "
+            f"WHERE {x}.pid = {res}.pid AND +{x}.param = ? AND {t}.deleted = 0 "
             f"AND {x}.target_type IN ({', '.join('?' * len(targets))})"
         )
         args: list[Any] = [clause.param_id, *targets]
@@ -311,10 +311,15 @@ class _Compiler:
         return sql, [clause.reference_param_id, rtype, *inner_args]
 
 
-def _param_sql(x: str, pids: Sequence[int]) -> Sql:
+def _param_sql(x: str, pids: Sequence[int], probe: bool = False) -> Sql:
+    """`x.param = ?` (or IN). In a `probe` (a correlated lookup by `x.pid = r.pid`) the column is
+    written `+x.param`: that keeps both planners off the (param, value, pid) index, whose covering
+    scan of every row of the parameter they otherwise prefer, and on the (pid, param) index,
+    which reads only the candidate's own few rows."""
+    col = f"+{x}.param" if probe else f"{x}.param"
     if len(pids) == 1:
-        return f"{x}.param = ?", [pids[0]]
-    return f"{x}.param IN ({', '.join('?' * len(pids))})", list(pids)
+        return f"{col} = ?", [pids[0]]
+    return f"{col} IN ({', '.join('?' * len(pids))})", list(pids)
 
 
 def _reference_targets(rtype: str, code: str, chained: str) -> list[str]:
@@ -366,7 +371,7 @@ def _sort_sql(query: SearchQuery) -> Sql:
             "fhir_uri": "value",
             "fhir_reference": "target_id",
         }[table]
-        expr = f"(SELECT {agg}(s.{col}) FROM {table} s WHERE s.pid = r.pid AND s.param = ?)"
+        expr = f"(SELECT {agg}(s.{col}) FROM {table} s WHERE s.pid = r.pid AND +s.param = ?)"
         # resources without a value sort last in both directions, on both databases
         keys.append(f"({expr} IS NULL) ASC")
         keys.append(f"{expr} {direction}")
@@ -375,17 +380,18 @@ def _sort_sql(query: SearchQuery) -> Sql:
     return ", ".join(keys), args
 
 
-def compile_where(query: SearchQuery) -> Sql:
-    """The WHERE clause selecting the matching current resources `r`."""
+#: where `compile_where`'s SELECT takes its column list
+COLS = "/*cols*/"
+
+
+def compile_where(query: SearchQuery) -> tuple[str, str, list[Any]]:
+    """(FROM, WHERE, args) selecting the matching current resources `r`.
+
+    The driving clause becomes a materialised CTE joined to `r`: both planners then start from
+    its (usually small) set of pids instead of guessing, which they did badly without fresh
+    statistics (a patient's laboratory Observations: 1 s on SQLite, 850 ms on PostgreSQL,
+    against a few ms this way)."""
     comp = _Compiler(query.types if query.resource_type is None else ())
-    where: list[str] = ["r.deleted = 0"]
-    args: list[Any] = []
-    if query.resource_type is not None:
-        where.append("r.type = ?")
-        args.append(query.resource_type)
-    elif query.types:
-        where.append(f"r.type IN ({', '.join('?' * len(query.types))})")
-        args += list(query.types)
     clauses = list(query.clauses)
     drive: Sql | None = None
     if query.compartment is not None:
@@ -396,32 +402,45 @@ def compile_where(query: SearchQuery) -> Sql:
             if drive is not None:
                 clauses.remove(clause)
                 break
+    prefix, source, args = "", "fhir_resource r", []
+    # With a driving set, `r` is reached only by its key: `type || ''` keeps planners without
+    # fresh statistics from scanning every resource of the type instead (PostgreSQL did).
+    type_col = "r.type"
     if drive is not None:
-        where.append(f"r.pid IN ({drive[0]})")
+        prefix = f"WITH drive AS MATERIALIZED (SELECT DISTINCT pid FROM ({drive[0]}) d0) "
+        source = "drive d JOIN fhir_resource r ON r.pid = d.pid"
         args += drive[1]
+        type_col = "r.type || ''"
+    where: list[str] = ["r.deleted = 0"]
+    if query.resource_type is not None:
+        where.append(f"{type_col} = ?")
+        args.append(query.resource_type)
+    elif query.types:
+        where.append(f"{type_col} IN ({', '.join('?' * len(query.types))})")
+        args += list(query.types)
     for clause in clauses:
         sql, a = comp.clause(clause, "r", query.resource_type or "")
         where.append(sql)
         args += a
-    return " AND ".join(where), args
+    return f"{prefix}SELECT {COLS} FROM {source}", " AND ".join(where), args
 
 
 async def run(session: Session, query: SearchQuery, max_include: int) -> SearchPage:
     from fhirgate.fhirserver.storage.store import SearchPage
 
-    where, args = compile_where(query)
+    select, where, args = compile_where(query)
     conn = session.conn
     total: int | None = None
     # search.html#count: `_count=0` is treated as `_summary=count` (the total, no entries)
     count_only = query.summary == "count" or query.count == 0
     if count_only or query.total in ("accurate", "estimate"):
-        row = await conn.fetchrow(f"SELECT COUNT(*) FROM fhir_resource r WHERE {where}", args)
+        row = await conn.fetchrow(f"{select.replace(COLS, 'COUNT(*)')} WHERE {where}", args)
         total = int(row[0]) if row else 0
     if count_only:
         return SearchPage([], [], total, False, [])
     order, order_args = _sort_sql(query)
     rows = await conn.fetch(
-        f"SELECT r.pid FROM fhir_resource r WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
+        f"{select.replace(COLS, 'r.pid')} WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
         [*args, *order_args, query.count + 1, query.offset],
     )
     pids = [int(r[0]) for r in rows]
@@ -432,7 +451,7 @@ async def run(session: Session, query: SearchQuery, max_include: int) -> SearchP
         if pids or query.offset == 0:
             total = query.offset + len(pids)  # the last page: everything before it was full
         else:  # a page past the end says nothing about how many came before it
-            row = await conn.fetchrow(f"SELECT COUNT(*) FROM fhir_resource r WHERE {where}", args)
+            row = await conn.fetchrow(f"{select.replace(COLS, 'COUNT(*)')} WHERE {where}", args)
             total = int(row[0]) if row else 0
     included, warnings = await _includes(session, query, matches, max_include)
     return SearchPage(matches, included, total, has_next, warnings)
