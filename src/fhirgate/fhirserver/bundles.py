@@ -252,41 +252,50 @@ async def _transaction(
 
 
 async def _rewrite(server: FhirServer, session: Session, node: Any, refs: dict[str, str], index: int) -> None:
-    """Replace `urn:uuid:` and conditional references with `Type/id` (in place)."""
+    """Replace `urn:uuid:` and conditional references with `Type/id` (in place). The walk is
+    synchronous; only references it does not know yet (conditional ones) are looked up."""
+    pending: list[tuple[dict[str, Any], str]] = []
     stack = [node]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
             for key, value in item.items():
                 if key == "reference" and isinstance(value, str):
-                    item[key] = await _resolve(server, session, value, refs)
+                    known = refs.get(value)
+                    if known is not None:
+                        item[key] = known
+                    elif value.startswith(("urn:uuid:", "urn:oid:")):
+                        raise bad_request(
+                            f"Reference {value} does not match the fullUrl of any entry in this transaction"
+                        )
+                    elif "?" in value and not value.startswith(("http://", "https://", "#")):
+                        pending.append((item, value))
                 elif key == "div" and isinstance(value, str) and "urn:uuid:" in value:
                     item[key] = _URN.sub(lambda m: refs.get(m.group(0), m.group(0)), value)
                 elif isinstance(value, dict | list):
                     stack.append(value)
         elif isinstance(item, list):
             stack.extend(v for v in item if isinstance(v, dict | list))
+    for holder, ref in pending:
+        holder["reference"] = await _resolve_conditional(server, session, ref, refs)
 
 
-async def _resolve(server: FhirServer, session: Session, ref: str, refs: dict[str, str]) -> str:
+async def _resolve_conditional(server: FhirServer, session: Session, ref: str, refs: dict[str, str]) -> str:
+    """`Patient?identifier=...` -> `Patient/id`: exactly one match, or the transaction fails (412)."""
     if ref in refs:
         return refs[ref]
-    if ref.startswith("urn:uuid:") or ref.startswith("urn:oid:"):
-        raise bad_request(f"Reference {ref} does not match the fullUrl of any entry in this transaction")
-    if "?" in ref and not ref.startswith(("http://", "https://", "#")):
-        rtype, _, condition = ref.partition("?")
-        if rtype not in server.defs.resource_types:
-            raise bad_request(f"Conditional reference {ref}: unknown resource type {rtype!r}")
-        matches = await server.conditional(session, rtype, condition, "conditional reference")
-        if len(matches) != 1:
-            what = "no" if not matches else "more than one"
-            raise conflict(
-                412, f"Conditional reference {ref} matches {what} resource (it must match exactly one)"
-            )
-        resolved = f"{rtype}/{matches[0].id}"
-        refs[ref] = resolved
-        return resolved
-    return ref
+    rtype, _, condition = ref.partition("?")
+    if rtype not in server.defs.resource_types:
+        raise bad_request(f"Conditional reference {ref}: unknown resource type {rtype!r}")
+    matches = await server.conditional(session, rtype, condition, "conditional reference")
+    if len(matches) != 1:
+        what = "no" if not matches else "more than one"
+        raise conflict(
+            412, f"Conditional reference {ref} matches {what} resource (it must match exactly one)"
+        )
+    resolved = f"{rtype}/{matches[0].id}"
+    refs[ref] = resolved
+    return resolved
 
 
 async def _run(server: FhirServer, session: Session, e: _Entry, representation: bool) -> dict[str, Any]:
