@@ -426,3 +426,22 @@ def test_everything(fhir: RunningFhir) -> None:
     future = fhir.search(f"Patient/{pid}/$everything?_since=2999-01-01")
     assert future["entry"] == []
     assert fhir.client.get("/Patient/nobody/$everything").status_code == 404
+
+
+def test_oversized_body_is_413_and_stores_nothing(tmp_path: Any) -> None:
+    from tests.fhirserver.harness import database, running_fhir
+
+    with database("sqlite", tmp_path) as url, running_fhir(url, max_body=2048) as small:
+        big = {"resourceType": "Patient", "name": [{"family": "x" * 4096}]}
+        r = small.client.post("/Patient", json=big, headers=FHIR_JSON)
+        assert r.status_code == 413
+        assert "larger than 2048 bytes" in _issue(r)["diagnostics"]
+        assert small.search("Patient?_summary=count")["total"] == 0
+
+
+def test_if_none_match_gives_304(fhir: RunningFhir) -> None:
+    created = fhir.create(_patient(uuid.uuid4().hex))
+    r = fhir.client.get(f"/Patient/{created['id']}", headers={"If-None-Match": 'W/"1"'})
+    assert r.status_code == 304
+    assert r.content == b""
+    assert fhir.client.get(f"/Patient/{created['id']}", headers={"If-None-Match": 'W/"0"'}).status_code == 200
