@@ -338,14 +338,22 @@ def _retarget(chain: ParamClause, target: str) -> ParamClause:
     return replace(chain, resource_type=target, param_id=param_id(target, chain.code))
 
 
-_DRIVE_ORDER = {"reference": 0, "token": 1, "uri": 1, "string": 2, "quantity": 3, "number": 3, "date": 4}
+_DRIVE_ORDER = {"reference": 0, "token": 1, "uri": 1, "string": 2, "quantity": 4, "number": 4, "date": 5}
 
 
 def _drive_rank(clause: ParamClause | HasClause) -> int:
+    """Which clause drives the query: the one likely to match the fewest rows. Without statistics
+    this is a rule of thumb: references and identifiers first; then tokens given with their system
+    (`http://loinc.org|8867-4`); then strings; then bare codes, which are often few-valued
+    (`gender=male`, `category=vital-signs`); numbers and dates last."""
     if isinstance(clause, HasClause):
         return 9
-    if clause.modifier == "identifier":
+    if clause.modifier == "identifier" or clause.code in ("identifier", "_id"):
         return 0
+    if clause.type == "token" and not all(
+        isinstance(v, TokenValue) and v.system and v.code for v in clause.values
+    ):
+        return 3
     return _DRIVE_ORDER.get(clause.type, 9)
 
 
