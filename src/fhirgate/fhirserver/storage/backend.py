@@ -65,6 +65,8 @@ class Backend(Protocol):
 
 #: bytes of write-ahead log kept between checkpoints
 WAL_LIMIT = 64 * 1024 * 1024
+#: how long a writer waits for another process's write lock
+BUSY_TIMEOUT_MS = 10_000
 
 
 class SqliteConnection:
@@ -106,7 +108,7 @@ class SqliteBackend:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         self._db.execute("PRAGMA foreign_keys=OFF")
         self._db.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache
         self._db.execute("PRAGMA temp_store=MEMORY")
@@ -137,14 +139,20 @@ class SqliteBackend:
     def _bound_wal(self) -> None:
         """Keep the WAL from growing without bound. SQLite's automatic checkpoints copy pages
         back but cannot restart the log while other workers keep reading, so under steady load
-        it grew to gigabytes (bench/fhir_bench.py); past `WAL_LIMIT`, a TRUNCATE checkpoint waits
-        (busy_timeout) for the readers and resets it."""
+        it grew to gigabytes (bench/fhir_bench.py); past `WAL_LIMIT`, a TRUNCATE checkpoint resets
+        it when no reader is left in it."""
         try:
             size = self._wal.stat().st_size if self._wal is not None else 0
         except OSError:
             return
         if size > WAL_LIMIT:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            # Never wait for readers here (this runs on the event loop): with a reader still in
+            # the log the checkpoint does what it can and the next check tries again.
+            self._db.execute("PRAGMA busy_timeout=0")
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[SqliteConnection]:
