@@ -33,5 +33,9 @@ unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/proxy_bench.py
 
+## make bench-fhir: the built-in FHIR server (ingest, read, US Core searches) on SQLite and PostgreSQL
+bench-fhir: $(STAMP)
+	$(BIN)/python bench/fhir_bench.py
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache
