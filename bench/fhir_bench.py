@@ -43,7 +43,6 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -1912,26 +1911,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    procs = pb.Processes()
-    runner: pb.WrkRunner | None = None
-    tmp = Path(tempfile.mkdtemp(prefix="fhirgate-fhir-bench-"))
-    with stop_on_signals(), contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(pb.one_benchmark_at_a_time())
-            wrk = ensure_wrk()
-            runner = pb.WrkRunner(wrk)
-            return bench(args, procs, runner, wrk, tmp)
-        except KeyboardInterrupt:
-            loud("interrupted: stopping every process the benchmark started")
-            return 130
-        finally:
-            if runner is not None:
-                runner.kill()
-            procs.stop_all()
-            if args.keep_tmp:
-                say(f"temp dir kept: {tmp}")
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
+    return pb.run_benchmark(
+        "fhirgate-fhir-bench-",
+        args.keep_tmp,
+        ensure_wrk,
+        lambda procs, runner, wrk, tmp: bench(args, procs, runner, wrk, tmp),
+        signals=stop_on_signals,
+    )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -1121,27 +1120,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    procs = pb.Processes()
-    runner: pb.WrkRunner | None = None
-    tmp = Path(tempfile.mkdtemp(prefix="fhirgate-jwt-bench-"))
-    with pb.interrupt_on_term(), contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(pb.one_benchmark_at_a_time())
-            nginx, wrk = pb.ensure_tools()
-            haproxy = find_haproxy()
-            runner = pb.WrkRunner(wrk)
-            return bench(args, procs, runner, nginx, wrk, haproxy, tmp)
-        except KeyboardInterrupt:
-            loud("interrupted: stopping every process the benchmark started")
-            return 130
-        finally:
-            if runner is not None:
-                runner.kill()
-            procs.stop_all()
-            if args.keep_tmp:
-                say(f"temp dir kept: {tmp}")
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
+    tools: dict[str, str] = {}
+
+    def find_wrk() -> str:
+        tools["nginx"], wrk = pb.ensure_tools()
+        tools["haproxy"] = find_haproxy()
+        return wrk
+
+    return pb.run_benchmark(
+        "fhirgate-jwt-bench-",
+        args.keep_tmp,
+        find_wrk,
+        lambda procs, runner, wrk, tmp: bench(
+            args, procs, runner, tools["nginx"], wrk, tools["haproxy"], tmp
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -804,28 +804,52 @@ def one_benchmark_at_a_time() -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_benchmark(
+    prefix: str,
+    keep_tmp: bool,
+    find_wrk: Callable[[], str],
+    body: Callable[[Processes, WrkRunner, str, Path], int],
+    signals: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
+) -> int:
+    """What every benchmark's `main` does around its body: one benchmark at a time, a temp dir,
+    and whatever happens (error, Ctrl-C, SIGTERM), every process it started stopped and the
+    temp dir removed (unless `keep_tmp`)."""
     procs = Processes()
-    wrk_runner: WrkRunner | None = None
-    tmp = Path(tempfile.mkdtemp(prefix="fhirgate-bench-"))
-    with interrupt_on_term(), contextlib.ExitStack() as stack:
+    runner: WrkRunner | None = None
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    with (signals or interrupt_on_term)(), contextlib.ExitStack() as stack:
         try:
             stack.enter_context(one_benchmark_at_a_time())
-            nginx, wrk = ensure_tools()
-            wrk_runner = WrkRunner(wrk)
-            return bench(args, procs, wrk_runner, nginx, wrk, tmp)
+            wrk = find_wrk()
+            runner = WrkRunner(wrk)
+            return body(procs, runner, wrk, tmp)
         except KeyboardInterrupt:
             loud("interrupted: stopping every process the benchmark started")
             return 130
         finally:
-            if wrk_runner is not None:
-                wrk_runner.kill()
+            if runner is not None:
+                runner.kill()
             procs.stop_all()
-            if args.keep_tmp:
+            if keep_tmp:
                 say(f"temp dir kept: {tmp}")
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    tools: dict[str, str] = {}
+
+    def find_wrk() -> str:
+        tools["nginx"], wrk = ensure_tools()
+        return wrk
+
+    return run_benchmark(
+        "fhirgate-bench-",
+        args.keep_tmp,
+        find_wrk,
+        lambda procs, runner, wrk, tmp: bench(args, procs, runner, tools["nginx"], wrk, tmp),
+    )
 
 
 def start_nginx(procs: Processes, nginx: str, name: str, d: Path, conf: str) -> Proc:
