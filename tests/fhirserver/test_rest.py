@@ -222,6 +222,9 @@ def test_instance_history_newest_first_with_paging(fhir: RunningFhir) -> None:
     next_url = next(link["url"] for link in history["link"] if link["relation"] == "next")
     rest = fhir.client.get(next_url).json()
     assert [e["resource"]["meta"]["versionId"] for e in rest["entry"]] == ["2", "1"]
+    relations = {link["relation"]: link["url"] for link in rest["link"]}
+    assert set(relations) == {"self", "first", "previous"}
+    assert fhir.client.get(relations["first"]).json()["entry"] == history["entry"]
     assert rest["entry"][1]["request"] == {"method": "POST", "url": "Patient"}
 
 

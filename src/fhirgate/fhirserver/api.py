@@ -535,6 +535,7 @@ class FhirServer:
 
         links = [("self", url(offset))]
         if offset > 0:
+            links.append(("first", url(0)))
             links.append(("previous", url(max(0, offset - count))))
         if has_next:
             links.append(("next", url(offset + count)))
