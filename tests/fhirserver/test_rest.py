@@ -448,3 +448,38 @@ def test_if_none_match_gives_304(fhir: RunningFhir) -> None:
     assert r.status_code == 304
     assert r.content == b""
     assert fhir.client.get(f"/Patient/{created['id']}", headers={"If-None-Match": 'W/"0"'}).status_code == 200
+
+
+def test_decimals_keep_their_precision(fhir: RunningFhir) -> None:
+    """R4 json.html: a decimal's digits are significant (1.50 is not 1.5), in create, update,
+    patch, transactions and search results."""
+    marker = uuid.uuid4().hex
+    raw = (
+        b'{"resourceType":"Observation","status":"final","code":{"text":"' + marker.encode() + b'"},'
+        b'"valueQuantity":{"value":1.50,"unit":"mg","system":"http://unitsofmeasure.org","code":"mg"},'
+        b'"referenceRange":[{"low":{"value":2.0e1},"high":{"value":100.000}}]}'
+    )
+    r = fhir.client.post("/Observation", content=raw, headers=FHIR_JSON)
+    assert r.status_code == 201, r.text
+    oid = r.json()["id"]
+    stored = fhir.client.get(f"/Observation/{oid}").content
+    assert b'"value":1.50,' in stored
+    assert b'"value":100.000}' in stored
+    assert b'"value":20}' in stored  # 2.0e1: the same number with the same two digits
+    found = fhir.client.get("/Observation", params={"value-quantity": "1.5", "code:text": marker}).content
+    assert b'"value":1.50,' in found
+    patched = fhir.client.patch(
+        f"/Observation/{oid}", json=[{"op": "replace", "path": "/status", "value": "amended"}], headers=PATCH
+    )
+    assert patched.status_code == 200
+    assert b'"value":1.50,' in fhir.client.get(f"/Observation/{oid}").content
+    tx = (
+        b'{"resourceType":"Bundle","type":"transaction","entry":[{"request":{"method":"POST","url":"Observation"},'
+        b'"resource":{"resourceType":"Observation","status":"final","code":{"text":"t"},'
+        b'"valueQuantity":{"value":0.10}}}]}'
+    )
+    r = fhir.client.post("/", content=tx, headers={**FHIR_JSON, "Prefer": "return=representation"})
+    assert r.status_code == 200
+    assert b'"value":0.10}' in r.content
+    location = r.json()["entry"][0]["response"]["location"]
+    assert b'"value":0.10}' in fhir.client.get("/" + "/".join(location.split("/")[:2])).content

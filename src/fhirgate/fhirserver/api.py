@@ -27,6 +27,8 @@ from fhirgate.fhirserver.http import (
     FHIR_JSON,
     Request,
     Response,
+    dumps_exact,
+    loads_exact,
     negotiate,
     parse_etag,
     parse_json,
@@ -160,7 +162,7 @@ class FhirServer:
                 FhirError(500, "Internal server error; the server log has the details", "exception")
             )
         if request.param("_pretty") == "true" and response.body:
-            response.body = orjson.dumps(orjson.loads(response.body), option=orjson.OPT_INDENT_2)
+            response.body = dumps_exact(loads_exact(response.body), option=orjson.OPT_INDENT_2)
         return response
 
     async def dispatch(self, request: Request, session: Session) -> Response:
@@ -376,7 +378,7 @@ class FhirServer:
             )
         assert current.body is not None
         try:
-            patched = jsonpatch.JsonPatch(ops).apply(orjson.loads(current.body))
+            patched = jsonpatch.JsonPatch(ops).apply(loads_exact(current.body))
         except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
             raise FhirError(422, f"The JSON Patch cannot be applied: {exc}", "processing") from None
         except (TypeError, KeyError, AttributeError) as exc:
@@ -504,12 +506,12 @@ class FhirServer:
 
         def shape(s: Stored) -> bytes:
             assert s.body is not None
-            resource = orjson.loads(s.body)
+            resource = loads_exact(s.body)
             if elements is not None:
                 keep = set(elements) | {"resourceType", "id", "meta"}
                 kept = {k: v for k, v in resource.items() if _listed(k, keep)}
                 _mark_subsetted(kept)
-                return orjson.dumps(kept)
+                return dumps_exact(kept)
             if summary == "text":
                 kept = {k: v for k, v in resource.items() if k in ("resourceType", "id", "meta", "text")}
             elif summary == "data":
@@ -518,7 +520,7 @@ class FhirServer:
                 allowed = defs.summary_elements(s.type)
                 kept = {k: v for k, v in resource.items() if k == "resourceType" or _listed(k, allowed)}
             _mark_subsetted(kept)
-            return orjson.dumps(kept)
+            return dumps_exact(kept)
 
         return shape
 

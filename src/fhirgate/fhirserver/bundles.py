@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, urlsplit
 import orjson
 
 from fhirgate.fhirserver.errors import FhirError, bad_request, conflict
-from fhirgate.fhirserver.http import Request, Response, prefer
+from fhirgate.fhirserver.http import Request, Response, loads_exact, prefer
 from fhirgate.fhirserver.storage.store import FhirStore, Session, Stored
 from fhirgate.fhirserver.validation import validate_resource
 
@@ -170,7 +170,7 @@ def _entry_result(response: Response, representation: bool) -> dict[str, Any]:
             result[key] = response.headers[header]
     entry: dict[str, Any] = {"response": result}
     if response.body:
-        parsed = orjson.loads(response.body)
+        parsed = loads_exact(response.body)
         if response.status >= 400:
             result["outcome"] = parsed
         elif representation or entry_is_read(response):
@@ -355,5 +355,5 @@ def _stored_result(
         result["location"] = f"{stored.type}/{stored.id}/_history/{stored.version}"
     entry: dict[str, Any] = {"response": result}
     if representation and stored.body is not None:
-        entry["resource"] = orjson.loads(stored.body)
+        entry["resource"] = loads_exact(stored.body)
     return entry

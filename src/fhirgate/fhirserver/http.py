@@ -6,7 +6,10 @@ with 406 (Accept / `_format`) or 415 (Content-Type) rather than answered in the 
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -46,7 +49,7 @@ class Response:
 
     @classmethod
     def json(cls, status: int, value: Any, headers: dict[str, str] | None = None) -> Response:
-        return cls(status, orjson.dumps(value), {"Content-Type": FHIR_JSON, **(headers or {})})
+        return cls(status, dumps_exact(value), {"Content-Type": FHIR_JSON, **(headers or {})})
 
     @classmethod
     def error(cls, err: FhirError) -> Response:
@@ -97,12 +100,37 @@ def require_json_body(request: Request, allow_patch: bool = False) -> None:
     )
 
 
+# A JSON number whose text a binary float would not give back: a fraction ending in 0 (`1.50`),
+# an exponent (`2.0e1`) or more digits than a double holds. Only then is the slow, exact parse used.
+_INEXACT_NUMBER = re.compile(rb"[:\[,]\s*-?(?:\d+\.\d*0|\d+(?:\.\d+)?[eE][+-]?\d+|[\d.]{17,})\s*[,\]}]")
+
+
+def loads_exact(data: bytes) -> Any:
+    """Parse JSON keeping every decimal's precision (R4 json.html: the number of decimal places
+    is significant, `1.50` is not `1.5`): such numbers become `Decimal`s, which `dumps_exact`
+    writes back as they came. JSON without them (most of it) takes orjson's fast path."""
+    if _INEXACT_NUMBER.search(data) is None:
+        return orjson.loads(data)
+    return json.loads(data, parse_float=Decimal)
+
+
+def _exact_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return orjson.Fragment(str(value).encode())
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def dumps_exact(value: Any, option: int = 0) -> bytes:
+    """orjson.dumps that writes `Decimal`s from `loads_exact` with their own digits."""
+    return orjson.dumps(value, default=_exact_default, option=option)
+
+
 def parse_json(body: bytes) -> Any:
     if not body:
         raise FhirError(400, "The request body is empty: send a FHIR resource as JSON", "invalid")
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        return loads_exact(body)
+    except ValueError as exc:  # orjson.JSONDecodeError and json.JSONDecodeError both are
         raise FhirError(400, f"The request body is not valid JSON: {exc}", "structure") from None
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from decimal import Decimal
 from typing import Any, TypeAlias
 
 from fhirgate.fhirserver.definitions import (
@@ -275,7 +276,7 @@ def _date_conv(pid: int, fhir_type: str) -> Converter:
 
 def _number_conv(pid: int, fhir_type: str) -> Converter:
     def number(v: Any, rows: IndexRows) -> None:
-        if isinstance(v, int | float) and not isinstance(v, bool):
+        if isinstance(v, int | float | Decimal) and not isinstance(v, bool):
             rows.numbers.append((pid, float(v)))
 
     return number
@@ -286,7 +287,7 @@ def _quantity_conv(pid: int, fhir_type: str) -> Converter:
 
     def quantity(v: Any, rows: IndexRows) -> None:
         value = v.get("value")
-        if not isinstance(value, int | float) or isinstance(value, bool):
+        if not isinstance(value, int | float | Decimal) or isinstance(value, bool):
             return
         if money:
             rows.quantities.append((pid, _ISO_4217, _text(v.get("currency")), None, float(value)))

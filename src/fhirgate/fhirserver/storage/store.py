@@ -20,6 +20,7 @@ import orjson
 
 from fhirgate import clock
 from fhirgate.fhirserver.errors import FhirError, conflict
+from fhirgate.fhirserver.http import dumps_exact
 from fhirgate.fhirserver.indexing import Indexer
 from fhirgate.fhirserver.model import IndexRows, SearchQuery
 from fhirgate.fhirserver.storage import schema, sqlsearch
@@ -420,7 +421,7 @@ def _stamp(resource: dict[str, Any], rid: str, version: int, ms: int) -> bytes:
     # resourceType first, as FHIR JSON convention and human readers expect.
     ordered = {"resourceType": resource["resourceType"], "id": rid, "meta": meta}
     ordered.update(resource)
-    return orjson.dumps(ordered)
+    return dumps_exact(ordered)
 
 
 def _bytes(value: Any) -> bytes | None:
