@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,22 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.e2e.procs import free_ports, stop_group
+
 pytestmark = pytest.mark.slow
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def test_demo_serves_generated_patients_through_the_gateway(tmp_path: Path) -> None:
-    fhir_port, gw_port, status_port = _free_ports(3)
+    fhir_port, gw_port, status_port = free_ports(3)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRGATE_")}
     env["FHIRGATE_DEMO_PORTS"] = f"{fhir_port},{gw_port},{status_port}"
     env["PYTHONUNBUFFERED"] = "1"
@@ -71,13 +61,5 @@ def test_demo_serves_generated_patients_through_the_gateway(tmp_path: Path) -> N
         assert missing.status_code == 404
         assert missing.json()["resourceType"] == "OperationOutcome"
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        if proc.stdout:
-            proc.stdout.close()
+        stop_group(proc, signal.SIGINT, wait=20)
     assert (tmp_path / ".fhirgate" / "demo" / "fhir.db").exists()

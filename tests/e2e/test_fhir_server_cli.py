@@ -6,7 +6,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,21 +16,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.e2e.procs import free_ports, stop_group
+
 pytestmark = pytest.mark.slow
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @contextmanager
 def fhir_server(tmp: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = _free_port()
+    (port,) = free_ports(1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRGATE_")}
     proc = subprocess.Popen(
         [
@@ -66,15 +60,7 @@ def fhir_server(tmp: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen[b
             time.sleep(0.1)
         yield base, proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        if proc.stdout:
-            proc.stdout.close()
+        stop_group(proc)
 
 
 def test_workers_share_sqlite_without_losing_updates(tmp_path: Path) -> None:
