@@ -170,12 +170,34 @@ class Settings(BaseSettings):
         description="Largest request body (bytes) the FHIR server accepts; more is 413.",
     )
 
+    # --- built-in authorization server (issue 5; so far its store and signing keys) -------
+    auth_database_url: str | None = Field(
+        None,
+        description="Authorization server store (clients, users, codes, tokens, signing keys): "
+        "`sqlite:///path/auth.db` or `postgresql://user@host/db`; default `database_url` if set, else "
+        "SQLite `auth.db` under `data_dir`.",
+    )
+    auth_access_token_lifetime: int = Field(
+        3600,
+        ge=1,
+        le=3600,
+        description="Access token lifetime in seconds (at most one hour); a retired signing key stays "
+        "in the JWKS this long after `fhirgate keys rotate`.",
+    )
+
     def fhir_database(self) -> str:
         if self.fhir_database_url:
             return self.fhir_database_url
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'fhir.db').resolve()}"
+
+    def auth_database(self) -> str:
+        if self.auth_database_url:
+            return self.auth_database_url
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'auth.db').resolve()}"
 
     def fhir_base(self) -> str:
         if self.fhir_base_url:

@@ -14,8 +14,8 @@ import pytest
 from fhirgate.fhirserver.errors import FhirError
 from fhirgate.fhirserver.model import ParamClause, SearchQuery, TokenValue
 from fhirgate.fhirserver.storage import schema
-from fhirgate.fhirserver.storage.backend import DatabaseUrlError, open_backend
 from fhirgate.fhirserver.storage.store import FhirStore
+from fhirgate.storage.backend import DatabaseUrlError, open_backend
 from tests.fhirserver.harness import BACKENDS, database
 
 
@@ -197,7 +197,7 @@ def test_sqlite_wal_is_cut_back_after_a_long_reader(tmp_path: Path, monkeypatch:
     rather than keep its peak size on disk (it reached 3.9 GB in the benchmark)."""
     import sqlite3
 
-    from fhirgate.fhirserver.storage import backend
+    from fhirgate.storage import backend
 
     monkeypatch.setattr(backend, "WAL_LIMIT", 256 * 1024)
     db = tmp_path / "wal.db"

@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
     # Create or migrate the schema once, before the workers start.
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from fhirgate.fhirserver.storage.backend import DatabaseUrlError
     from fhirgate.fhirserver.storage.store import FhirStore
+    from fhirgate.storage.backend import DatabaseUrlError
 
     async def prepare() -> None:
         with Progress(

@@ -10,7 +10,7 @@ from fhirgate import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fhirgate.cli import config_cmd, data_cmd, fhir_cmd, gateway_cmd, jwks_cmd
+    from fhirgate.cli import config_cmd, data_cmd, fhir_cmd, gateway_cmd, jwks_cmd, keys_cmd
 
     parser = argparse.ArgumentParser(
         prog="fhirgate",
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     jwks_cmd.register(sub)
     data_cmd.register(sub)
     fhir_cmd.register(sub)
+    keys_cmd.register(sub)
     return parser
 
 

@@ -24,8 +24,8 @@ from fhirgate.fhirserver.http import dumps_exact
 from fhirgate.fhirserver.indexing import Indexer
 from fhirgate.fhirserver.model import IndexRows, SearchQuery
 from fhirgate.fhirserver.storage import schema, sqlsearch
-from fhirgate.fhirserver.storage.backend import Backend, Connection, open_backend
 from fhirgate.fhirserver.storage.schema import INDEX_TABLES, migrate
+from fhirgate.storage.backend import Backend, Connection, open_backend
 
 _INSERTS = {
     table: f"INSERT INTO {table} (pid, param, {', '.join(cols)}) VALUES ({', '.join('?' * (len(cols) + 2))})"

@@ -258,7 +258,7 @@ async def open_backend(url: str) -> SqliteBackend | PostgresBackend:
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
             path = path[1:]  # sqlite:///relative.db (SQLAlchemy's convention); //// is absolute
         if not path:
-            raise DatabaseUrlError(f"{url}: no database file (expected sqlite:///path/to/fhir.db)")
+            raise DatabaseUrlError(f"{url}: no database file (expected sqlite:///path/to/file.db)")
         query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
         sync = query.get("synchronous", "normal").lower()
         if sync not in ("normal", "full"):
@@ -267,5 +267,5 @@ async def open_backend(url: str) -> SqliteBackend | PostgresBackend:
     if url.startswith(("postgresql:", "postgres:", "postgresql+asyncpg:")):
         return await PostgresBackend.connect(url)
     raise DatabaseUrlError(
-        f"unsupported database URL {url!r}: use sqlite:///path/to/fhir.db or postgresql://user@host/db"
+        f"unsupported database URL {url!r}: use sqlite:///path/to/file.db or postgresql://user@host/db"
     )
