@@ -4,6 +4,10 @@ Its schema is a list of numbered migrations recorded in `auth_schema` (`fhirgate
 later parts append clients, users, codes, refresh tokens, consents and `jti` replay entries as new
 migrations. Never edit a released migration: append a new one.
 
+`auth_user` holds the users (`users.Users`: the password as a self-describing scrypt hash, the
+`fhirUser` they link to); `auth_client` the OAuth clients (`clients.Clients`: the RFC 7591 metadata as
+validated JSON, the SHA-256 of a generated secret or NULL).
+
 `auth_key` holds the signing keys (`keys.KeyRing`): the private key as PKCS#8 PEM, its public JWK
 (public members only, as published in `/jwks`), when it was created and when it was retired
 (milliseconds since the epoch; `retired_at` is NULL while the key signs).
@@ -23,7 +27,9 @@ __all__ = [
     "SCHEMA_TABLE",
     "AuthSession",
     "AuthStore",
+    "StoredClient",
     "StoredKey",
+    "StoredUser",
     "current_version",
     "migrate",
 ]
@@ -46,6 +52,19 @@ MIGRATIONS: Sequence[Sequence[str]] = (
             created_at BIGINT NOT NULL,
             retired_at BIGINT)""",
         "CREATE INDEX auth_key_alg ON auth_key (alg, retired_at)",
+    ),
+    # 2: users and OAuth clients
+    (
+        """CREATE TABLE auth_user (
+            username TEXT NOT NULL PRIMARY KEY,
+            password_hash TEXT NOT NULL,
+            fhir_user TEXT,
+            created_at BIGINT NOT NULL)""",
+        """CREATE TABLE auth_client (
+            client_id TEXT NOT NULL PRIMARY KEY,
+            metadata TEXT NOT NULL,
+            secret_hash TEXT,
+            created_at BIGINT NOT NULL)""",
     ),
 )
 
@@ -71,6 +90,40 @@ class StoredKey:
 def _key(row: Row) -> StoredKey:
     kid, alg, pem, jwk, created, retired = row
     return StoredKey(kid, alg, pem, jwk, int(created), None if retired is None else int(retired))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredUser:
+    """One row of `auth_user`."""
+
+    username: str
+    password_hash: str
+    fhir_user: str | None
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredClient:
+    """One row of `auth_client` (`metadata` is JSON text)."""
+
+    client_id: str
+    metadata: str
+    secret_hash: str | None
+    created_at: int
+
+
+_USER_COLUMNS = "username, password_hash, fhir_user, created_at"
+_CLIENT_COLUMNS = "client_id, metadata, secret_hash, created_at"
+
+
+def _user(row: Row) -> StoredUser:
+    username, password_hash, fhir_user, created = row
+    return StoredUser(username, password_hash, fhir_user, int(created))
+
+
+def _client(row: Row) -> StoredClient:
+    client_id, metadata, secret_hash, created = row
+    return StoredClient(client_id, metadata, secret_hash, int(created))
 
 
 class AuthSession:
@@ -122,6 +175,60 @@ class AuthSession:
         return await self.conn.execute(
             "DELETE FROM auth_key WHERE retired_at IS NOT NULL AND retired_at <= ?", (cutoff_ms,)
         )
+
+    async def insert_user(self, user: StoredUser) -> bool:
+        """Insert `user`; False (and nothing written) when the username is taken."""
+        return (
+            await self.conn.execute(
+                f"INSERT INTO auth_user ({_USER_COLUMNS}) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (username) DO NOTHING",
+                (user.username, user.password_hash, user.fhir_user, user.created_at),
+            )
+            == 1
+        )
+
+    async def user(self, username: str) -> StoredUser | None:
+        row = await self.conn.fetchrow(
+            f"SELECT {_USER_COLUMNS} FROM auth_user WHERE username = ?", (username,)
+        )
+        return None if row is None else _user(row)
+
+    async def users(self) -> list[StoredUser]:
+        """Every user, by username."""
+        return [
+            _user(r)
+            for r in await self.conn.fetch(f"SELECT {_USER_COLUMNS} FROM auth_user ORDER BY username")
+        ]
+
+    async def delete_user(self, username: str) -> bool:
+        return await self.conn.execute("DELETE FROM auth_user WHERE username = ?", (username,)) == 1
+
+    async def insert_client(self, client: StoredClient) -> bool:
+        """Insert `client`; False (and nothing written) when the client_id is taken."""
+        return (
+            await self.conn.execute(
+                f"INSERT INTO auth_client ({_CLIENT_COLUMNS}) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (client_id) DO NOTHING",
+                (client.client_id, client.metadata, client.secret_hash, client.created_at),
+            )
+            == 1
+        )
+
+    async def client(self, client_id: str) -> StoredClient | None:
+        row = await self.conn.fetchrow(
+            f"SELECT {_CLIENT_COLUMNS} FROM auth_client WHERE client_id = ?", (client_id,)
+        )
+        return None if row is None else _client(row)
+
+    async def clients(self) -> list[StoredClient]:
+        """Every client, oldest first."""
+        rows = await self.conn.fetch(
+            f"SELECT {_CLIENT_COLUMNS} FROM auth_client ORDER BY created_at, client_id"
+        )
+        return [_client(r) for r in rows]
+
+    async def delete_client(self, client_id: str) -> bool:
+        return await self.conn.execute("DELETE FROM auth_client WHERE client_id = ?", (client_id,)) == 1
 
 
 class AuthStore:

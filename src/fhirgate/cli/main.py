@@ -10,7 +10,16 @@ from fhirgate import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fhirgate.cli import config_cmd, data_cmd, fhir_cmd, gateway_cmd, jwks_cmd, keys_cmd
+    from fhirgate.cli import (
+        clients_cmd,
+        config_cmd,
+        data_cmd,
+        fhir_cmd,
+        gateway_cmd,
+        jwks_cmd,
+        keys_cmd,
+        users_cmd,
+    )
 
     parser = argparse.ArgumentParser(
         prog="fhirgate",
@@ -24,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmd.register(sub)
     fhir_cmd.register(sub)
     keys_cmd.register(sub)
+    users_cmd.register(sub)
+    clients_cmd.register(sub)
     return parser
 
 
