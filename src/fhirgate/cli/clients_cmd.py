@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from fhirgate.cli.users_cmd import add_store_options, run, table, when
+from fhirgate.cli.auth_store_cmd import add_store_options, run, table, when
 from fhirgate.settings import Settings
 
 
