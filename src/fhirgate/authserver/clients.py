@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 from fhirgate import clock
 from fhirgate.authserver.store import AuthStore, StoredClient
 from fhirgate.errors import FhirgateError
-from fhirgate.tokens.jwk import JwkError, parse_jwks, private_members
+from fhirgate.tokens.jwk import JwkError, json_kind, parse_jwks, private_members, quote_value
 
 __all__ = [
     "AUTH_METHODS",
@@ -130,41 +130,25 @@ class UnknownClientError(ClientError):
     """No such client."""
 
 
-def _q(value: object) -> str:
-    return json.dumps(value, ensure_ascii=True)
-
-
-def _kind(value: object) -> str:
-    if isinstance(value, dict):
-        return "object"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, bool):
-        return "boolean"
-    if value is None:
-        return "null"
-    return "number"
-
-
 def _strings(metadata: Mapping[str, Any], field: str) -> list[str] | None:
     """A non-empty array of distinct strings, or None when absent."""
     if field not in metadata:
         return None
     value = metadata[field]
     if not isinstance(value, list):
-        raise ClientMetadataError(field, MSG_TYPE.format(expected="an array of strings", kind=_kind(value)))
+        raise ClientMetadataError(
+            field, MSG_TYPE.format(expected="an array of strings", kind=json_kind(value))
+        )
     if not value:
         raise ClientMetadataError(field, MSG_EMPTY_LIST)
     seen: set[str] = set()
     for item in value:
         if not isinstance(item, str):
             raise ClientMetadataError(
-                field, MSG_TYPE.format(expected="an array of strings", kind=_kind(item))
+                field, MSG_TYPE.format(expected="an array of strings", kind=json_kind(item))
             )
         if item in seen:
-            raise ClientMetadataError(field, MSG_DUPLICATE.format(value=_q(item)))
+            raise ClientMetadataError(field, MSG_DUPLICATE.format(value=quote_value(item)))
         seen.add(item)
     return list(value)
 
@@ -174,14 +158,14 @@ def _string(metadata: Mapping[str, Any], field: str) -> str | None:
         return None
     value = metadata[field]
     if not isinstance(value, str):
-        raise ClientMetadataError(field, MSG_TYPE.format(expected="a string", kind=_kind(value)))
+        raise ClientMetadataError(field, MSG_TYPE.format(expected="a string", kind=json_kind(value)))
     return value
 
 
 def _check_uri(field: str, uri: str) -> None:
-    shown = _q(uri)
+    shown = quote_value(uri)
     if len(uri) > MAX_URI:
-        raise ClientMetadataError(field, MSG_URI_LONG.format(value=_q(uri[:40] + "...")))
+        raise ClientMetadataError(field, MSG_URI_LONG.format(value=quote_value(uri[:40] + "...")))
     if _CONTROL.search(uri) or any(c.isspace() for c in uri):
         raise ClientMetadataError(field, MSG_URI_CHARS.format(value=shown))
     try:
@@ -203,7 +187,7 @@ def _check_uri(field: str, uri: str) -> None:
 
 def _check_jwks(jwks: Any) -> None:
     if not isinstance(jwks, dict):
-        raise ClientMetadataError("jwks", MSG_TYPE.format(expected="a JWK Set object", kind=_kind(jwks)))
+        raise ClientMetadataError("jwks", MSG_TYPE.format(expected="a JWK Set object", kind=json_kind(jwks)))
     try:
         parsed = parse_jwks(jwks)
     except JwkError as exc:
@@ -220,7 +204,9 @@ def validate_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The registrable metadata of `metadata` with RFC 7591 defaults filled in; raises
     `ClientMetadataError` naming the first bad member."""
     if not isinstance(metadata, Mapping):
-        raise ClientMetadataError("metadata", MSG_TYPE.format(expected="a JSON object", kind=_kind(metadata)))
+        raise ClientMetadataError(
+            "metadata", MSG_TYPE.format(expected="a JSON object", kind=json_kind(metadata))
+        )
     for field in SERVER_ISSUED:
         if field in metadata:
             raise ClientMetadataError(field, MSG_SERVER_ISSUED)
@@ -228,9 +214,9 @@ def validate_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     grant_types = _strings(metadata, "grant_types") or list(DEFAULT_GRANT_TYPES)
     for grant in grant_types:
         if grant in ("implicit", "password"):
-            raise ClientMetadataError("grant_types", MSG_GRANT_REFUSED.format(value=_q(grant)))
+            raise ClientMetadataError("grant_types", MSG_GRANT_REFUSED.format(value=quote_value(grant)))
         if grant not in GRANT_TYPES:
-            raise ClientMetadataError("grant_types", MSG_GRANT_UNKNOWN.format(value=_q(grant)))
+            raise ClientMetadataError("grant_types", MSG_GRANT_UNKNOWN.format(value=quote_value(grant)))
     code_flow = "authorization_code" in grant_types
     if "refresh_token" in grant_types and not code_flow:
         raise ClientMetadataError("grant_types", MSG_REFRESH_ALONE)
@@ -239,7 +225,9 @@ def validate_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
         response_types = _strings(metadata, "response_types") or []
         for response in response_types:
             if response not in RESPONSE_TYPES:
-                raise ClientMetadataError("response_types", MSG_RESPONSE_UNKNOWN.format(value=_q(response)))
+                raise ClientMetadataError(
+                    "response_types", MSG_RESPONSE_UNKNOWN.format(value=quote_value(response))
+                )
         if code_flow and "code" not in response_types:
             raise ClientMetadataError("response_types", MSG_RESPONSE_CODE_MISSING)
         if not code_flow and "code" in response_types:
@@ -257,7 +245,9 @@ def validate_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     if method is None:
         method = DEFAULT_AUTH_METHOD
     if method not in AUTH_METHODS:
-        raise ClientMetadataError("token_endpoint_auth_method", MSG_METHOD_UNKNOWN.format(value=_q(method)))
+        raise ClientMetadataError(
+            "token_endpoint_auth_method", MSG_METHOD_UNKNOWN.format(value=quote_value(method))
+        )
     if method == "none" and "client_credentials" in grant_types:
         raise ClientMetadataError("token_endpoint_auth_method", MSG_PUBLIC_CLIENT_CREDENTIALS)
 
@@ -379,7 +369,7 @@ class Clients:
         async with self.store.write() as s:
             deleted = await s.delete_client(client_id)
         if not deleted:
-            raise UnknownClientError(MSG_UNKNOWN_CLIENT.format(value=_q(client_id)))
+            raise UnknownClientError(MSG_UNKNOWN_CLIENT.format(value=quote_value(client_id)))
 
     async def verify_secret(self, client_id: str, secret: str) -> Client | None:
         """The client if `secret` is its secret, else None (unknown client, a client without a

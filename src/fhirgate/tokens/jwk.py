@@ -142,8 +142,8 @@ MSG_OKP_KEY = "invalid {crv} public key: {detail}"
 MSG_ALG_MISMATCH = "alg {alg} cannot be used with {what}; expected {expected}"
 
 
-def _q(value: object) -> str:
-    """A value from the document, quoted and escaped so it can't break a message or a line."""
+def quote_value(value: object) -> str:
+    """A value from a document, quoted and escaped so it can't break a message or a line."""
     return json.dumps(value, ensure_ascii=True)
 
 
@@ -154,10 +154,11 @@ def _show(value: str | None) -> str:
     """A document value for display: as is when plainly safe, else JSON-quoted; `(none)` if absent."""
     if value is None:
         return "(none)"
-    return value if _PLAIN.fullmatch(value) else _q(value)
+    return value if _PLAIN.fullmatch(value) else quote_value(value)
 
 
-def _kind(value: object) -> str:
+def json_kind(value: object) -> str:
+    """The JSON type of a parsed value, for messages ("expected a string, got an array")."""
     if isinstance(value, dict):
         return "object"
     if isinstance(value, list):
@@ -275,7 +276,7 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in pairs:
         if name in out:
-            raise JwksFormatError(MSG_DUPLICATE_MEMBER.format(name=_q(name)))
+            raise JwksFormatError(MSG_DUPLICATE_MEMBER.format(name=quote_value(name)))
         out[name] = value
     return out
 
@@ -299,7 +300,7 @@ def _string(jwk: Mapping[str, Any], name: str) -> str | None:
     if value is None and name not in jwk:
         return None
     if not isinstance(value, str):
-        raise InvalidJwkError(MSG_NOT_STRING.format(name=name, kind=_kind(value)))
+        raise InvalidJwkError(MSG_NOT_STRING.format(name=name, kind=json_kind(value)))
     return value
 
 
@@ -316,7 +317,7 @@ def _b64url(jwk: Mapping[str, Any], name: str, kty: str) -> bytes:
         raise InvalidJwkError(MSG_MISSING.format(name=name, kty=kty))
     value = jwk[name]
     if not isinstance(value, str):
-        raise InvalidJwkError(MSG_B64_TYPE.format(name=name, kind=_kind(value)))
+        raise InvalidJwkError(MSG_B64_TYPE.format(name=name, kind=json_kind(value)))
     if not value:
         raise InvalidJwkError(MSG_B64_EMPTY.format(name=name))
     if len(value) > MAX_MEMBER_CHARS:
@@ -365,7 +366,7 @@ def _parse_ec(jwk: Mapping[str, Any]) -> tuple[PublicKey, str | None]:
     crv = _required_string(jwk, "crv", "EC")
     if crv not in _EC_CURVES:
         raise UnsupportedJwkError(
-            MSG_UNKNOWN_CRV.format(crv=_q(crv), kty="EC", expected=", ".join(_EC_CURVES))
+            MSG_UNKNOWN_CRV.format(crv=quote_value(crv), kty="EC", expected=", ".join(_EC_CURVES))
         )
     curve, size = _EC_CURVES[crv]
     coordinates = []
@@ -386,10 +387,10 @@ def _parse_okp(jwk: Mapping[str, Any]) -> tuple[PublicKey, str | None]:
     # RFC 8037 §2.
     crv = _required_string(jwk, "crv", "OKP")
     if crv in _OKP_KEY_AGREEMENT:
-        raise UnsupportedJwkError(MSG_KEY_AGREEMENT_CRV.format(crv=_q(crv)))
+        raise UnsupportedJwkError(MSG_KEY_AGREEMENT_CRV.format(crv=quote_value(crv)))
     if crv not in _OKP_CURVES:
         raise UnsupportedJwkError(
-            MSG_UNKNOWN_CRV.format(crv=_q(crv), kty="OKP", expected=", ".join(_OKP_CURVES))
+            MSG_UNKNOWN_CRV.format(crv=quote_value(crv), kty="OKP", expected=", ".join(_OKP_CURVES))
         )
     size = _OKP_CURVES[crv]
     raw = _b64url(jwk, "x", "OKP")
@@ -426,12 +427,12 @@ def parse_jwk(jwk: Mapping[str, Any]) -> Jwk:
     malformed members.
     """
     if not isinstance(jwk, Mapping):
-        raise InvalidJwkError(MSG_KEY_NOT_OBJECT.format(kind=_kind(jwk)))
+        raise InvalidJwkError(MSG_KEY_NOT_OBJECT.format(kind=json_kind(jwk)))
     if "kty" not in jwk:
         raise InvalidJwkError(MSG_NO_KTY)
     kty = jwk["kty"]
     if not isinstance(kty, str):
-        raise InvalidJwkError(MSG_NOT_STRING.format(name="kty", kind=_kind(kty)))
+        raise InvalidJwkError(MSG_NOT_STRING.format(name="kty", kind=json_kind(kty)))
     kid = _string(jwk, "kid")
     alg = _string(jwk, "alg")
     use = _string(jwk, "use")
@@ -440,14 +441,16 @@ def parse_jwk(jwk: Mapping[str, Any]) -> Jwk:
         raise UnsupportedJwkError(MSG_OCT)
     parser = _PARSERS.get(kty)
     if parser is None:
-        raise UnsupportedJwkError(MSG_UNSUPPORTED_KTY.format(kty=_q(kty)))
+        raise UnsupportedJwkError(MSG_UNSUPPORTED_KTY.format(kty=quote_value(kty)))
     key, crv = parser(jwk)
     if alg is not None and alg in _SIGNATURE_ALGS:
         allowed = _algorithms_for(kty, crv)
         if alg not in allowed:
             what = "an RSA key" if kty == "RSA" else f"an {kty} {crv} key"
             raise InvalidJwkError(
-                MSG_ALG_MISMATCH.format(alg=_q(alg), what=what, expected=" or ".join(sorted(allowed)))
+                MSG_ALG_MISMATCH.format(
+                    alg=quote_value(alg), what=what, expected=" or ".join(sorted(allowed))
+                )
             )
     return Jwk(
         kty=kty,
@@ -470,16 +473,16 @@ def parse_jwks(document: bytes | str | Mapping[str, Any]) -> JwkSet:
     """
     data: Any = document if isinstance(document, Mapping) else _load_json(document)
     if not isinstance(data, Mapping):
-        raise JwksFormatError(MSG_NOT_OBJECT.format(kind=_kind(data)))
+        raise JwksFormatError(MSG_NOT_OBJECT.format(kind=json_kind(data)))
     if "keys" not in data:
         if "kty" in data:
             raise JwksFormatError(MSG_SINGLE_JWK)
         if "jwks_uri" in data:
-            raise JwksFormatError(MSG_DISCOVERY.format(uri=_q(data["jwks_uri"])))
+            raise JwksFormatError(MSG_DISCOVERY.format(uri=quote_value(data["jwks_uri"])))
         raise JwksFormatError(MSG_NO_KEYS)
     members = data["keys"]
     if not isinstance(members, list):
-        raise JwksFormatError(MSG_KEYS_NOT_ARRAY.format(kind=_kind(members)))
+        raise JwksFormatError(MSG_KEYS_NOT_ARRAY.format(kind=json_kind(members)))
     if not members:
         raise JwksFormatError(MSG_KEYS_EMPTY)
     keys: list[Jwk] = []
