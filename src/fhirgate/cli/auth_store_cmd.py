@@ -7,12 +7,28 @@ import argparse
 import asyncio
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fhirgate.errors import ConfigError, FhirgateError
-from fhirgate.settings import load_settings
+from fhirgate.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from fhirgate.authserver.store import AuthStore
+
+
+@asynccontextmanager
+async def auth_store(settings: Settings) -> AsyncIterator[AuthStore]:
+    """The auth store the settings name, closed whatever happens."""
+    from fhirgate.authserver.store import AuthStore
+
+    store = await AuthStore.open(settings.auth_database())
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 def add_store_options(action: argparse.ArgumentParser) -> None:

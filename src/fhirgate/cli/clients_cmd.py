@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from fhirgate.cli.auth_store_cmd import add_store_options, run, table, when
+from fhirgate.cli.auth_store_cmd import add_store_options, auth_store, run, table, when
 from fhirgate.settings import Settings
 
 
@@ -93,13 +93,9 @@ def _create(args: argparse.Namespace) -> int:
 
     async def create(settings: Settings, args: argparse.Namespace) -> None:
         from fhirgate.authserver.clients import Clients
-        from fhirgate.authserver.store import AuthStore
 
-        store = await AuthStore.open(settings.auth_database())
-        try:
+        async with auth_store(settings) as store:
             client, secret = await Clients(store).create(metadata)
-        finally:
-            await store.close()
         print(f"client_id: {client.client_id}")
         if secret is not None:
             print(f"client_secret: {secret}")
@@ -113,13 +109,9 @@ def _create(args: argparse.Namespace) -> int:
 
 async def _list(settings: Settings, args: argparse.Namespace) -> None:
     from fhirgate.authserver.clients import Clients
-    from fhirgate.authserver.store import AuthStore
 
-    store = await AuthStore.open(settings.auth_database())
-    try:
+    async with auth_store(settings) as store:
         clients = await Clients(store).list()
-    finally:
-        await store.close()
     if not clients:
         print("no clients yet (fhirgate clients create --name NAME ...)")
         return
@@ -139,11 +131,7 @@ async def _list(settings: Settings, args: argparse.Namespace) -> None:
 
 async def _delete(settings: Settings, args: argparse.Namespace) -> None:
     from fhirgate.authserver.clients import Clients
-    from fhirgate.authserver.store import AuthStore
 
-    store = await AuthStore.open(settings.auth_database())
-    try:
+    async with auth_store(settings) as store:
         await Clients(store).delete(args.client_id)
-    finally:
-        await store.close()
     print(f"deleted client {args.client_id}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fhirgate.cli.auth_store_cmd import add_store_options, run, when
+from fhirgate.cli.auth_store_cmd import add_store_options, auth_store, run, when
 from fhirgate.settings import Settings
 
 
@@ -29,14 +29,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 async def _rotate(settings: Settings, args: argparse.Namespace) -> None:
     from fhirgate.authserver.keys import KeyRing, check_alg
-    from fhirgate.authserver.store import AuthStore
 
     alg = check_alg(args.alg)  # before opening (and perhaps creating) the database
-    store = await AuthStore.open(settings.auth_database())
-    try:
+    async with auth_store(settings) as store:
         result = await KeyRing(store).rotate(alg, settings.auth_access_token_lifetime)
-    finally:
-        await store.close()
     print(f"new {alg} key: {result.new.kid}")
     if not result.retired:
         print(f"retired: none (the first {alg} key)")
@@ -46,13 +42,9 @@ async def _rotate(settings: Settings, args: argparse.Namespace) -> None:
 
 async def _list(settings: Settings, args: argparse.Namespace) -> None:
     from fhirgate.authserver.keys import KeyRing, published_until
-    from fhirgate.authserver.store import AuthStore
 
-    store = await AuthStore.open(settings.auth_database())
-    try:
+    async with auth_store(settings) as store:
         keys = await KeyRing(store).keys()
-    finally:
-        await store.close()
     if not keys:
         print("no keys yet (the authorization server creates one on first start; or: fhirgate keys rotate)")
         return

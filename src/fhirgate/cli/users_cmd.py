@@ -6,7 +6,7 @@ import argparse
 import getpass
 import sys
 
-from fhirgate.cli.auth_store_cmd import add_store_options, run, table, when
+from fhirgate.cli.auth_store_cmd import add_store_options, auth_store, run, table, when
 from fhirgate.settings import Settings
 
 
@@ -77,28 +77,20 @@ def _create(args: argparse.Namespace) -> int:
         return 1
 
     async def create(settings: Settings, args: argparse.Namespace) -> None:
-        from fhirgate.authserver.store import AuthStore
         from fhirgate.authserver.users import Users
 
-        store = await AuthStore.open(settings.auth_database())
-        try:
+        async with auth_store(settings) as store:
             user = await Users(store).create(args.username, password, args.fhir_user)
-        finally:
-            await store.close()
         print(f"created user {user.username}" + (f" ({user.fhir_user})" if user.fhir_user else ""))
 
     return run(args, create)
 
 
 async def _list(settings: Settings, args: argparse.Namespace) -> None:
-    from fhirgate.authserver.store import AuthStore
     from fhirgate.authserver.users import Users
 
-    store = await AuthStore.open(settings.auth_database())
-    try:
+    async with auth_store(settings) as store:
         users = await Users(store).list()
-    finally:
-        await store.close()
     if not users:
         print("no users yet (fhirgate users create USERNAME)")
         return
@@ -109,12 +101,8 @@ async def _list(settings: Settings, args: argparse.Namespace) -> None:
 
 
 async def _delete(settings: Settings, args: argparse.Namespace) -> None:
-    from fhirgate.authserver.store import AuthStore
     from fhirgate.authserver.users import Users
 
-    store = await AuthStore.open(settings.auth_database())
-    try:
+    async with auth_store(settings) as store:
         await Users(store).delete(args.username)
-    finally:
-        await store.close()
     print(f"deleted user {args.username}")
