@@ -339,3 +339,43 @@ def test_synthea_bundles_load_unchanged(fresh_fhir: RunningFhir) -> None:
     assert all(e["resource"]["subject"]["reference"] == f"Patient/{patient['id']}" for e in labs["entry"])
     everything = fhir.search(f"Patient/{patient['id']}/$everything?_count=1000")
     assert everything["total"] >= 150
+
+
+def _patch_entry(url: str, data: str) -> dict[str, Any]:
+    return {
+        "resource": {"resourceType": "Binary", "contentType": "application/json-patch+json", "data": data},
+        "request": {"method": "PATCH", "url": url},
+    }
+
+
+def test_patch_entries_carry_a_base64_json_patch(fhir: RunningFhir) -> None:
+    import base64
+
+    created = fhir.create(_marker_patient(uuid.uuid4().hex))
+    url = f"Patient/{created['id']}"
+    ops = base64.b64encode(
+        json.dumps([{"op": "add", "path": "/gender", "value": "female"}]).encode()
+    ).decode()
+    r = _post(fhir, _tx(_patch_entry(url, ops)))
+    assert r.status_code == 200, r.text
+    assert r.json()["entry"][0]["response"]["status"] == "200 OK"
+    assert fhir.client.get(f"/{url}").json()["gender"] == "female"
+    # not base64, or not a Binary: the entry is refused with 400 (a whole transaction; one batch entry)
+    r = _post(fhir, _tx(_patch_entry(url, "!!not base64!!")))
+    assert r.status_code == 400
+    assert (
+        r.json()["issue"][0]["diagnostics"] == "Bundle.entry[0]: the PATCH entry's Binary.data is not base64"
+    )
+    batch = _post(
+        fhir,
+        _tx(
+            _patch_entry(url, "!!not base64!!"),
+            {"resource": created, "request": {"method": "PATCH", "url": url}},
+            kind="batch",
+        ),
+    )
+    assert batch.status_code == 200
+    assert [e["response"]["status"] for e in batch.json()["entry"]] == ["400 Bad Request", "400 Bad Request"]
+    second = batch.json()["entry"][1]["response"]["outcome"]["issue"][0]["diagnostics"]
+    assert second == "Bundle.entry[1]: a PATCH entry carries a Binary resource whose data is the JSON Patch"
+    assert fhir.client.get(f"/{url}").json()["meta"]["versionId"] == "2"

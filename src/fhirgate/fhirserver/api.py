@@ -44,6 +44,8 @@ log = logging.getLogger("fhirgate.fhirserver")
 
 _ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 Handler = Callable[..., Awaitable[Response]]
+#: how a handler gets its session: a read snapshot, a write transaction, or on its own
+READ, WRITE, OWN = "read", "write", "own"
 
 
 class FhirServer:
@@ -144,11 +146,11 @@ class FhirServer:
         """Answer one request (any error becomes an OperationOutcome)."""
         try:
             negotiate(request)
-            handler, writes, args = self._route(request)
+            handler, mode, args = self._route(request)
             assert self.store is not None
-            if handler == self._bundle:
-                response = await self._bundle(request)
-            elif writes:
+            if mode == OWN:
+                response = await handler(request, None, *args)
+            elif mode == WRITE:
                 async with self.store.write() as session:
                     response = await handler(request, session, *args)
             else:
@@ -167,77 +169,79 @@ class FhirServer:
 
     async def dispatch(self, request: Request, session: Session) -> Response:
         """Answer a request inside an existing session (a transaction Bundle's entries)."""
-        handler, _writes, args = self._route(request)
+        handler, _mode, args = self._route(request)
         return await handler(request, session, *args)
 
-    def _route(self, request: Request) -> tuple[Handler, bool, tuple[str, ...]]:
+    def _route(self, request: Request) -> tuple[Handler, str, tuple[str, ...]]:
+        """The handler of a request, whether it runs in a read or a write session (or opens its
+        own: a Bundle), and its path arguments."""
         segs = [s for s in request.path.split("/") if s]
         method = request.method
         n = len(segs)
         if n == 0:
             if method == "POST":
-                return self._bundle, True, ()
+                return self._bundle, OWN, ()
             if method == "GET":
-                return self._search, False, ()
+                return self._search, READ, ()
             raise _method_not_allowed(method, "/", "GET, POST")
         head = segs[0]
         if n == 1 and head == "metadata":
             if method != "GET":
                 raise _method_not_allowed(method, "/metadata", "GET")
-            return self._metadata, False, ()
+            return self._metadata, READ, ()
         if n == 1 and head == "_history":
             _only(method, ("GET",), "/_history")
-            return self._history, False, ()
+            return self._history, READ, ()
         if n == 1 and head == "_search":
             _only(method, ("POST",), "/_search")
-            return self._search, False, ()
+            return self._search, READ, ()
         rtype = self._type(head)
         if n == 1:
             if method == "GET":
-                return self._search, False, (rtype,)
+                return self._search, READ, (rtype,)
             if method == "POST":
-                return self._create, True, (rtype,)
+                return self._create, WRITE, (rtype,)
             if method == "PUT":
-                return self._conditional_update, True, (rtype,)
+                return self._conditional_update, WRITE, (rtype,)
             if method == "DELETE":
-                return self._conditional_delete, True, (rtype,)
+                return self._conditional_delete, WRITE, (rtype,)
             raise _method_not_allowed(method, f"/{rtype}", "GET, POST, PUT, DELETE")
         second = segs[1]
         if n == 2 and second == "_search":
             _only(method, ("GET", "POST"), f"/{rtype}/_search")
-            return self._search, False, (rtype,)
+            return self._search, READ, (rtype,)
         if n == 2 and second == "_history":
             _only(method, ("GET",), f"/{rtype}/_history")
-            return self._history, False, (rtype,)
+            return self._history, READ, (rtype,)
         rid = _check_id(second)
         if n == 2:
             if method in ("GET", "HEAD"):
-                return self._read, False, (rtype, rid)
+                return self._read, READ, (rtype, rid)
             if method == "PUT":
-                return self._update, True, (rtype, rid)
+                return self._update, WRITE, (rtype, rid)
             if method == "DELETE":
-                return self._delete, True, (rtype, rid)
+                return self._delete, WRITE, (rtype, rid)
             if method == "PATCH":
-                return self._patch, True, (rtype, rid)
+                return self._patch, WRITE, (rtype, rid)
             raise _method_not_allowed(method, f"/{rtype}/{rid}", "GET, PUT, PATCH, DELETE")
         third = segs[2]
         if n == 3 and third == "_history":
             _only(method, ("GET",), f"/{rtype}/{rid}/_history")
-            return self._history, False, (rtype, rid)
+            return self._history, READ, (rtype, rid)
         if n == 4 and third == "_history":
             _only(method, ("GET",), f"/{rtype}/{rid}/_history/{segs[3]}")
-            return self._vread, False, (rtype, rid, segs[3])
+            return self._vread, READ, (rtype, rid, segs[3])
         if n == 3 and third == "$everything":
             if rtype != "Patient":
                 raise FhirError(404, f"$everything is defined on Patient only, not {rtype}", "not-supported")
             _only(method, ("GET", "POST"), f"/Patient/{rid}/$everything")
-            return self._everything, False, (rid,)
+            return self._everything, READ, (rid,)
         if n == 3 and third.startswith("$"):
             raise FhirError(404, f"Operation {third} is not supported by this server", "not-supported")
         if n == 3 and rtype == "Patient":
             ctype = self._type(third)
             _only(method, ("GET",), f"/Patient/{rid}/{ctype}")
-            return self._search, False, (ctype, rid)
+            return self._search, READ, (ctype, rid)
         if n == 3:
             raise FhirError(
                 404, f"Compartment searches are supported for Patient only, not {rtype}", "not-supported"

@@ -11,6 +11,8 @@ status.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -182,6 +184,17 @@ def entry_is_read(response: Response) -> bool:
     return "Location" not in response.headers
 
 
+def _patch_body(e: _Entry) -> bytes:
+    """The JSON Patch of a PATCH entry: a Binary resource whose `data` is the patch, base64
+    (http.html §3.1.0.11: a Bundle entry's patch travels as a Binary)."""
+    if not isinstance(e.resource, dict) or e.resource.get("resourceType") != "Binary":
+        raise bad_request("a PATCH entry carries a Binary resource whose data is the JSON Patch")
+    try:
+        return base64.b64decode(e.resource.get("data", ""), validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise bad_request("the PATCH entry's Binary.data is not base64") from None
+
+
 async def _batch_entry(server: FhirServer, e: _Entry, representation: bool) -> dict[str, Any]:
     if e.error is not None:
         return {"response": {"status": _status(e.error.status), "outcome": e.error.outcome()}}
@@ -189,12 +202,10 @@ async def _batch_entry(server: FhirServer, e: _Entry, representation: bool) -> d
     if e.method in ("POST", "PUT"):
         req.headers["prefer"] = "return=representation" if representation else "return=minimal"
     if e.method == "PATCH":
-        if not isinstance(e.resource, dict) or e.resource.get("resourceType") != "Binary":
-            err = bad_request(f"Bundle.entry[{e.index}]: a PATCH entry carries a Binary with the JSON Patch")
-            return {"response": {"status": _status(400), "outcome": err.outcome()}}
-        import base64
-
-        req.body = base64.b64decode(e.resource.get("data", ""))
+        try:
+            req.body = _patch_body(e)
+        except FhirError as err:
+            return {"response": {"status": _status(err.status), "outcome": _at(err, e.index).outcome()}}
         req.resource = None
     response = await server.handle(req)
     return _entry_result(response, representation)
@@ -332,11 +343,7 @@ async def _run(server: FhirServer, session: Session, e: _Entry, representation: 
         dict(e.headers),
     )
     if e.method == "PATCH":
-        if not isinstance(e.resource, dict) or e.resource.get("resourceType") != "Binary":
-            raise bad_request("A PATCH entry carries a Binary resource whose data is the JSON Patch")
-        import base64
-
-        req.body = base64.b64decode(e.resource.get("data", ""))
+        req.body = _patch_body(e)
     response = await server.dispatch(req, session)
     if response.status >= 400:
         raise FhirError(response.status, orjson.loads(response.body)["issue"][0]["diagnostics"])
