@@ -170,7 +170,51 @@ class Settings(BaseSettings):
         description="Largest request body (bytes) the FHIR server accepts; more is 413.",
     )
 
-    # --- built-in authorization server (issue 5; so far its store and signing keys) -------
+    # --- built-in authorization server (`fhirgate auth-server`) --------------------------
+    auth_listen: str = Field(
+        "127.0.0.1:9081",
+        description="Authorization server listener HOST:PORT (loopback: the gateway routes `/auth` to it).",
+    )
+    auth_issuer: str = Field(
+        "http://localhost:8000/auth",
+        description="The issuer (`iss`) and public URL of the authorization server: every endpoint URL in "
+        "its metadata is this plus a path. Behind the gateway: the gateway's `/auth` URL.",
+    )
+    auth_fhir_base: str = Field(
+        "http://localhost:8000/fhir",
+        description="The FHIR base the tokens are for: the only `aud` accepted at `/authorize` and the "
+        "`aud` of every access token.",
+    )
+    auth_workers: int = Field(
+        default_factory=_default_workers, ge=1, le=64, description="Authorization server worker processes."
+    )
+    auth_signing_alg: Literal["RS256", "RS384", "ES256", "ES384"] = Field(
+        "RS256", description="Algorithm of the access tokens' signing key (ID tokens are always RS256)."
+    )
+    auth_code_lifetime: int = Field(
+        60, ge=5, le=600, description="Authorization code lifetime in seconds (single use)."
+    )
+    auth_refresh_token_lifetime: int = Field(
+        90 * 24 * 3600,
+        ge=60,
+        description="Lifetime of an `offline_access` refresh token in seconds (rotated at each use).",
+    )
+    auth_login_lifetime: int = Field(
+        8 * 3600,
+        ge=60,
+        description="Browser login session lifetime in seconds; `online_access` refresh tokens end with it.",
+    )
+    auth_registration_token: str | None = Field(
+        None,
+        description="Initial access token that opens `/register` (RFC 7591 dynamic registration); "
+        "`/register` is closed while unset. Set it through FHIRGATE_AUTH_REGISTRATION_TOKEN.",
+    )
+    auth_rate_limit: int = Field(
+        10,
+        ge=1,
+        description="Failed logins per username and failed client authentications per client_id "
+        "allowed per minute (per node) before 429 with Retry-After; successes are not counted.",
+    )
     auth_database_url: str | None = Field(
         None,
         description="Authorization server store (clients, users, codes, tokens, signing keys): "

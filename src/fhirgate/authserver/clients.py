@@ -51,6 +51,7 @@ __all__ = [
     "ClientMetadataError",
     "Clients",
     "UnknownClientError",
+    "secret_matches",
     "validate_metadata",
 ]
 
@@ -297,6 +298,13 @@ def _secret_hash(secret: str) -> str:
 _NO_SECRET = _secret_hash(secrets.token_urlsafe(32))
 
 
+def secret_matches(secret_hash: str | None, secret: str) -> bool:
+    """Whether `secret` hashes to `secret_hash` (False when there is none): one hash and one
+    constant-time comparison in every case."""
+    ok = hmac.compare_digest(_secret_hash(secret), secret_hash if secret_hash is not None else _NO_SECRET)
+    return ok and secret_hash is not None
+
+
 @dataclass(frozen=True, slots=True)
 class Client:
     """A registered client: its id, validated metadata, whether it has a secret. The secret's hash
@@ -376,6 +384,5 @@ class Clients:
         secret, a wrong secret): one hash and one constant-time comparison in every case."""
         async with self.store.read() as s:
             stored = await s.client(client_id)
-        expected = stored.secret_hash if stored is not None and stored.secret_hash is not None else _NO_SECRET
-        ok = hmac.compare_digest(_secret_hash(secret), expected)
-        return _public(stored) if ok and stored is not None and stored.secret_hash is not None else None
+        ok = secret_matches(None if stored is None else stored.secret_hash, secret)
+        return _public(stored) if ok and stored is not None else None

@@ -66,6 +66,71 @@ MIGRATIONS: Sequence[Sequence[str]] = (
             secret_hash TEXT,
             created_at BIGINT NOT NULL)""",
     ),
+    # 3: what the OAuth flows remember (times in ms since the epoch; secrets only as SHA-256)
+    (
+        # client assertion ids (RFC 7523 §3 "jti"), kept until the assertion would have expired
+        """CREATE TABLE auth_jti (
+            client_id TEXT NOT NULL,
+            jti TEXT NOT NULL,
+            expires_at BIGINT NOT NULL,
+            PRIMARY KEY (client_id, jti))""",
+        "CREATE INDEX auth_jti_expires ON auth_jti (expires_at)",
+        # one authorization (the consent a user gave one client): its code, access and refresh
+        # tokens form a family that is revoked as a whole
+        """CREATE TABLE auth_grant (
+            family TEXT NOT NULL PRIMARY KEY,
+            client_id TEXT NOT NULL,
+            username TEXT NOT NULL,
+            login TEXT,
+            scope TEXT NOT NULL,
+            context TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            revoked_at BIGINT)""",
+        """CREATE TABLE auth_code (
+            code_hash TEXT NOT NULL PRIMARY KEY,
+            family TEXT NOT NULL,
+            redirect_uri TEXT NOT NULL,
+            code_challenge TEXT NOT NULL,
+            nonce TEXT,
+            expires_at BIGINT NOT NULL,
+            used_at BIGINT)""",
+        """CREATE TABLE auth_refresh (
+            token_hash TEXT NOT NULL PRIMARY KEY,
+            family TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            expires_at BIGINT,
+            used_at BIGINT)""",
+        "CREATE INDEX auth_refresh_family ON auth_refresh (family)",
+        # access tokens issued in a family, and every revoked access token (the revocation feed)
+        """CREATE TABLE auth_token (
+            jti TEXT NOT NULL PRIMARY KEY,
+            family TEXT,
+            client_id TEXT NOT NULL,
+            expires_at BIGINT NOT NULL,
+            revoked_at BIGINT)""",
+        "CREATE INDEX auth_token_family ON auth_token (family)",
+        "CREATE INDEX auth_token_revoked ON auth_token (revoked_at)",
+        # EHR launch contexts minted by `fhirgate launch`: one client, single use
+        """CREATE TABLE auth_launch (
+            launch_hash TEXT NOT NULL PRIMARY KEY,
+            client_id TEXT NOT NULL,
+            context TEXT NOT NULL,
+            expires_at BIGINT NOT NULL,
+            used_at BIGINT)""",
+        # browser login sessions (the cookie's SHA-256); online_access lives as long as one
+        """CREATE TABLE auth_login (
+            session_hash TEXT NOT NULL PRIMARY KEY,
+            username TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            expires_at BIGINT NOT NULL,
+            ended_at BIGINT)""",
+        # server secrets shared by every node (the CSRF key)
+        """CREATE TABLE auth_secret (
+            name TEXT NOT NULL PRIMARY KEY,
+            value TEXT NOT NULL,
+            created_at BIGINT NOT NULL)""",
+    ),
 )
 
 _KEY_COLUMNS = "kid, alg, private_pem, public_jwk, created_at, retired_at"
@@ -229,6 +294,70 @@ class AuthSession:
 
     async def delete_client(self, client_id: str) -> bool:
         return await self.conn.execute("DELETE FROM auth_client WHERE client_id = ?", (client_id,)) == 1
+
+    async def remember_jti(self, client_id: str, jti: str, expires_at_ms: int) -> bool:
+        """Record a client assertion's `jti`; False (nothing written) when it was seen before."""
+        return (
+            await self.conn.execute(
+                "INSERT INTO auth_jti (client_id, jti, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (client_id, jti) DO NOTHING",
+                (client_id, jti, expires_at_ms),
+            )
+            == 1
+        )
+
+    async def forget_jtis_before(self, cutoff_ms: int) -> int:
+        """Delete the `jti` entries whose assertion expired before `cutoff_ms`."""
+        return await self.conn.execute("DELETE FROM auth_jti WHERE expires_at < ?", (cutoff_ms,))
+
+    async def record_tokens(self, rows: Sequence[tuple[str, str | None, str, int]]) -> None:
+        """Record issued access tokens: (jti, family, client_id, expires_at)."""
+        await self.conn.executemany(
+            "INSERT INTO auth_token (jti, family, client_id, expires_at) VALUES (?, ?, ?, ?)", rows
+        )
+
+    async def revoke_token(self, jti: str, client_id: str, expires_at_ms: int, at_ms: int) -> None:
+        """Mark one access token revoked (recorded now if it was not: client_credentials tokens are
+        not recorded when issued)."""
+        await self.conn.execute(
+            "INSERT INTO auth_token (jti, family, client_id, expires_at, revoked_at) "
+            "VALUES (?, NULL, ?, ?, ?) ON CONFLICT (jti) DO UPDATE "
+            "SET revoked_at = COALESCE(auth_token.revoked_at, excluded.revoked_at)",
+            (jti, client_id, expires_at_ms, at_ms),
+        )
+
+    async def token_revoked(self, jti: str) -> bool:
+        row = await self.conn.fetchrow(
+            "SELECT 1 FROM auth_token WHERE jti = ? AND revoked_at IS NOT NULL", (jti,)
+        )
+        return row is not None
+
+    async def revoked_since(self, since_ms: int, now_ms: int, limit: int) -> list[tuple[str, int, int]]:
+        """Revoked access tokens not yet expired, revoked at or after `since_ms`, oldest revocation
+        first: (jti, expires_at, revoked_at)."""
+        rows = await self.conn.fetch(
+            "SELECT jti, expires_at, revoked_at FROM auth_token "
+            "WHERE revoked_at IS NOT NULL AND revoked_at >= ? AND expires_at > ? "
+            "ORDER BY revoked_at, jti LIMIT ?",
+            (since_ms, now_ms, limit),
+        )
+        return [(str(j), int(e), int(r)) for j, e, r in rows]
+
+    async def forget_tokens_before(self, cutoff_ms: int) -> int:
+        """Delete the access-token rows that expired before `cutoff_ms`."""
+        return await self.conn.execute("DELETE FROM auth_token WHERE expires_at < ?", (cutoff_ms,))
+
+    async def secret(self, name: str, make: str, now_ms: int) -> str:
+        """The server secret `name`, created with the value `make` if there is none yet (the first
+        node to start wins; every node reads the same value)."""
+        await self.conn.execute(
+            "INSERT INTO auth_secret (name, value, created_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (name) DO NOTHING",
+            (name, make, now_ms),
+        )
+        row = await self.conn.fetchrow("SELECT value FROM auth_secret WHERE name = ?", (name,))
+        assert row is not None
+        return str(row[0])
 
 
 class AuthStore:

@@ -11,6 +11,7 @@ from fhirgate import __version__
 
 def build_parser() -> argparse.ArgumentParser:
     from fhirgate.cli import (
+        auth_cmd,
         clients_cmd,
         config_cmd,
         data_cmd,
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys_cmd.register(sub)
     users_cmd.register(sub)
     clients_cmd.register(sub)
+    auth_cmd.register(sub)
     return parser
 
 

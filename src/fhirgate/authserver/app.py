@@ -1,0 +1,274 @@
+"""The authorization server over HTTP: a thin Starlette adapter around the Authlib core (`oauth.py`).
+
+The adapter parses what Authlib should not have to (the form body: UTF-8, form-encoded only, each
+parameter once, a size cap), keeps the active signing key warm, runs the synchronous Authlib call
+in a worker thread (so its model methods can reach the asynchronous store through `Bridge`), and
+renders the result. Every error of the token endpoint is RFC 6749 §5.2 JSON with
+`Cache-Control: no-store`; an unexpected exception is logged and answered with `server_error`,
+never with a stack trace.
+
+`create_app()` builds the app from the node settings (`FHIRGATE_*`, `fhirgate.toml`), so every
+uvicorn worker process builds the same one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import anyio.to_thread
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from fhirgate import clock
+from fhirgate.authserver import endpoints, flows, metadata
+from fhirgate.authserver.keys import KeyRing, SigningKey
+from fhirgate.authserver.oauth import OAuthServer, ServerConfig, TokenRequest
+from fhirgate.authserver.store import AuthStore
+from fhirgate.settings import Settings, load_settings
+
+__all__ = ["ActiveKey", "AuthApp", "create_app", "form_params", "oauth_error"]
+
+log = logging.getLogger("fhirgate.authserver")
+
+MAX_FORM_BYTES = 64 * 1024
+#: How long a worker signs with the key it read before looking again (a `fhirgate keys rotate` in
+#: another process is noticed within this many seconds).
+KEY_RECHECK_SECONDS = 5.0
+HOUSEKEEPING_SECONDS = 60.0
+
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+def oauth_error(status: int, error: str, description: str, headers: dict[str, str] | None = None) -> Response:
+    """An RFC 6749 §5.2 error response."""
+    return json_response(status, {"error": error, "error_description": description}, headers)
+
+
+def json_response(
+    status: int, body: Any, headers: dict[str, str] | None = None, cache: bool = False
+) -> Response:
+    all_headers = {} if cache else dict(NO_STORE)
+    all_headers.update(headers or {})
+    return Response(orjson.dumps(body), status, all_headers, media_type="application/json")
+
+
+class FormError(ValueError):
+    pass
+
+
+async def form_params(request: Request) -> dict[str, str]:
+    """The body of a form POST as single-valued parameters (RFC 6749 §3.1, §3.2: parameters sent
+    without a value are treated as omitted; none may be repeated)."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";", 1)[0].strip().lower() != "application/x-www-form-urlencoded":
+        shown = ctype.split(";", 1)[0].strip() or "none"
+        raise FormError(f"the body must be application/x-www-form-urlencoded, not {shown}")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise FormError(f"the body is larger than {MAX_FORM_BYTES} bytes")
+    try:
+        text = body.decode("utf-8")
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text), errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise FormError("the body is not valid UTF-8 form encoding") from None
+    return single_valued(pairs)
+
+
+def single_valued(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for name, value in pairs:
+        if name in params:
+            raise FormError(f"parameter {name} is repeated: send each parameter once")
+        params[name] = value
+    return {k: v for k, v in params.items() if v != ""}
+
+
+class ActiveKey:
+    """The signing key of one algorithm, read from the store at most every `recheck` seconds."""
+
+    def __init__(self, ring: KeyRing, alg: str, recheck: float = KEY_RECHECK_SECONDS) -> None:
+        self.ring = ring
+        self.alg = alg
+        self.recheck = recheck
+        self._key: SigningKey | None = None
+        self._checked = 0.0
+
+    async def refresh(self) -> SigningKey:
+        now = time.monotonic()
+        if self._key is None or now - self._checked >= self.recheck:
+            self._key = await self.ring.active(self.alg) or await self.ring.ensure_active(self.alg)
+            self._checked = now
+        return self._key
+
+    def current(self) -> SigningKey:
+        if self._key is None:
+            raise RuntimeError("ActiveKey.refresh() was not awaited")
+        return self._key
+
+
+class AuthApp:
+    """The authorization server's ASGI application."""
+
+    def __init__(
+        self,
+        database_url: str,
+        config: ServerConfig,
+        signing_alg: str = "RS256",
+        settings: Settings | None = None,
+    ) -> None:
+        self.database_url = database_url
+        self.config = config
+        self.signing_alg = signing_alg
+        self.settings = settings
+        self.store: AuthStore | None = None
+        self.oauth: OAuthServer | None = None
+        self.keys: ActiveKey | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.app = Starlette(routes=self.routes(), lifespan=self.lifespan)
+
+    def routes(self) -> list[Route]:
+        issuer_path = urlsplit(self.config.issuer).path.strip("/")
+        routes = [
+            Route("/.well-known/openid-configuration", self.openid_configuration, methods=["GET"]),
+            Route("/.well-known/oauth-authorization-server", self.oauth_metadata, methods=["GET"]),
+            Route("/.well-known/smart-configuration", self.smart_configuration, methods=["GET"]),
+            Route("/jwks", self.jwks, methods=["GET"]),
+            Route("/token", self.token, methods=["POST"]),
+            *flows.routes(self),
+            *endpoints.routes(self),
+        ]
+        if issuer_path:  # RFC 8414 §3.1: /.well-known/oauth-authorization-server/{issuer path}
+            routes.append(
+                Route(
+                    f"/.well-known/oauth-authorization-server/{issuer_path}",
+                    self.oauth_metadata,
+                    methods=["GET"],
+                )
+            )
+        return routes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        self.store = await AuthStore.open(self.database_url)
+        ring = KeyRing(self.store)
+        self.keys = ActiveKey(ring, self.signing_alg)
+        await self.keys.refresh()
+        await ring.prune(self.config.access_token_lifetime)
+        self.oauth = OAuthServer(self.config, self.store, self.keys.current)
+        flows.install(self.oauth)
+        endpoints.install(self.oauth)
+        self._tasks.append(asyncio.create_task(self._housekeeping()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+
+    async def _housekeeping(self) -> None:
+        """Forget what can no longer matter: expired `jti` entries and access-token rows."""
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_SECONDS)
+            try:
+                assert self.store is not None
+                now_ms = int(clock.now() * 1000)
+                async with self.store.write() as s:
+                    await s.forget_jtis_before(now_ms)
+                    await s.forget_tokens_before(now_ms)
+            except Exception:
+                log.exception("authorization server housekeeping failed")
+
+    # --- metadata ------------------------------------------------------------------------------
+
+    async def openid_configuration(self, _request: Request) -> Response:
+        return json_response(200, metadata.openid_configuration(self.config, self.signing_alg), cache=True)
+
+    async def oauth_metadata(self, _request: Request) -> Response:
+        return json_response(200, metadata.oauth_metadata(self.config, self.signing_alg), cache=True)
+
+    async def smart_configuration(self, _request: Request) -> Response:
+        return json_response(200, metadata.smart_configuration(self.config, self.signing_alg), cache=True)
+
+    async def jwks(self, _request: Request) -> Response:
+        assert self.keys is not None
+        doc = await self.keys.ring.jwks(self.config.access_token_lifetime)
+        return json_response(200, doc, {"Cache-Control": "public, max-age=60"}, cache=True)
+
+    # --- the token endpoint --------------------------------------------------------------------
+
+    async def token(self, request: Request) -> Response:
+        try:
+            form = await form_params(request)
+        except FormError as exc:
+            return oauth_error(400, "invalid_request", str(exc))
+        return await self.run_oauth(request, form, lambda server, req: server.create_token_response(req))
+
+    async def run_oauth(
+        self, request: Request, form: dict[str, str], call: Callable[[OAuthServer, TokenRequest], Any]
+    ) -> Response:
+        """Run one Authlib call in a worker thread and render its (status, body, headers)."""
+        assert self.oauth is not None
+        assert self.keys is not None
+        await self.keys.refresh()
+        headers = {}
+        auth = request.headers.get("authorization")
+        if auth is not None:
+            headers["Authorization"] = auth
+        req = TokenRequest(request.method, self.config.issuer + request.url.path, headers, form)
+        try:
+            status, body, out_headers = await anyio.to_thread.run_sync(call, self.oauth, req)
+        except Exception:
+            log.exception("authorization server: unexpected error at %s", request.url.path)
+            return oauth_error(
+                500, "server_error", "the authorization server failed; the error is in its log"
+            )
+        response_headers = dict(NO_STORE)
+        response_headers.update(dict(out_headers))
+        response_headers.pop("Content-Type", None)
+        if isinstance(body, dict | list):
+            return Response(orjson.dumps(body), status, response_headers, media_type="application/json")
+        return Response(body or b"", status, response_headers)
+
+
+def app_from_settings(settings: Settings) -> AuthApp:
+    config = ServerConfig(
+        issuer=settings.auth_issuer.rstrip("/"),
+        fhir_base=settings.auth_fhir_base.rstrip("/"),
+        access_token_lifetime=settings.auth_access_token_lifetime,
+        code_lifetime=settings.auth_code_lifetime,
+        refresh_token_lifetime=settings.auth_refresh_token_lifetime,
+        login_lifetime=settings.auth_login_lifetime,
+    )
+    return AuthApp(settings.auth_database(), config, settings.auth_signing_alg, settings)
+
+
+def create_app() -> AuthApp:
+    settings_file = os.environ.get("FHIRGATE_SETTINGS_FILE")
+    return app_from_settings(load_settings(Path(settings_file) if settings_file else None))

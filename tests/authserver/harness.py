@@ -1,0 +1,127 @@
+"""A real authorization server (uvicorn + httptools, in a background thread) on an ephemeral port,
+over SQLite or PostgreSQL, and helpers that register clients and users in its store the way the
+`fhirgate clients` / `fhirgate users` commands do (a second connection to the same database).
+
+The issuer is the server's own address (`http://127.0.0.1:PORT`), so the token endpoint a client
+assertion must name is `{issuer}/token`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from fhirgate.authserver.app import AuthApp
+from fhirgate.authserver.clients import Clients
+from fhirgate.authserver.oauth import ServerConfig
+from fhirgate.authserver.store import AuthStore
+from fhirgate.authserver.users import Users
+from tests.fhirserver.harness import BACKENDS, database
+
+__all__ = ["BACKENDS", "FHIR_BASE", "RunningAuth", "database", "running_auth"]
+
+FHIR_BASE = "http://localhost:8000/fhir"
+
+
+@dataclass
+class RunningAuth:
+    base: str
+    client: httpx.Client
+    app: AuthApp
+    backend: str
+    database_url: str
+
+    @property
+    def issuer(self) -> str:
+        return self.app.config.issuer
+
+    @property
+    def token_url(self) -> str:
+        return self.issuer + "/token"
+
+    def _store(self, action: Any) -> Any:
+        async def go() -> Any:
+            store = await AuthStore.open(self.database_url)
+            try:
+                return await action(store)
+            finally:
+                await store.close()
+
+        return asyncio.run(go())
+
+    def register(self, metadata: Mapping[str, Any]) -> tuple[str, str | None]:
+        """Register a client; (client_id, secret or None)."""
+
+        async def go(store: AuthStore) -> tuple[str, str | None]:
+            client, secret = await Clients(store).create(metadata)
+            return client.client_id, secret
+
+        result: tuple[str, str | None] = self._store(go)
+        return result
+
+    def add_user(self, username: str, password: str, fhir_user: str | None = None) -> None:
+        async def go(store: AuthStore) -> None:
+            await Users(store).create(username, password, fhir_user)
+
+        self._store(go)
+
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of `sql` in the server's store (what reached the store, for attack tests)."""
+
+        async def go(store: AuthStore) -> list[tuple[Any, ...]]:
+            async with store.read() as s:
+                return [tuple(r) for r in await s.conn.fetch(sql, args)]
+
+        rows: list[tuple[Any, ...]] = self._store(go)
+        return rows
+
+
+@contextlib.contextmanager
+def running_auth(
+    database_url: str, backend: str = "sqlite", signing_alg: str = "RS256", **config: Any
+) -> Iterator[RunningAuth]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    config.setdefault("fhir_base", FHIR_BASE)
+    app = AuthApp(database_url, ServerConfig(issuer=base, **config), signing_alg)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, lifespan="on", log_level="warning", http="httptools", loop="asyncio", access_log=False
+        )
+    )
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("authorization server did not start")
+        time.sleep(0.01)
+    client = httpx.Client(base_url=base, timeout=30, follow_redirects=False)
+    try:
+        yield RunningAuth(base, client, app, backend, database_url)
+    finally:
+        client.close()
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def auth(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAuth]:
+    """One authorization server per module and backend."""
+    tmp: Path = tmp_path_factory.mktemp("auth")
+    with database(request.param, tmp) as url, running_auth(url, request.param) as running:
+        yield running
