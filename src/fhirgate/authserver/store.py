@@ -347,6 +347,22 @@ class AuthSession:
         """Delete the access-token rows that expired before `cutoff_ms`."""
         return await self.conn.execute("DELETE FROM auth_token WHERE expires_at < ?", (cutoff_ms,))
 
+    async def revoke_family(self, family: str, at_ms: int) -> None:
+        """Revoke one authorization as a whole: the grant, every refresh token of it (they stop
+        working) and every access token issued in it (they enter the revocation feed)."""
+        await self.conn.execute(
+            "UPDATE auth_grant SET revoked_at = ? WHERE family = ? AND revoked_at IS NULL", (at_ms, family)
+        )
+        await self.conn.execute(
+            "UPDATE auth_token SET revoked_at = ? WHERE family = ? AND revoked_at IS NULL", (at_ms, family)
+        )
+
+    async def family_revoked(self, family: str) -> bool:
+        row = await self.conn.fetchrow(
+            "SELECT 1 FROM auth_grant WHERE family = ? AND revoked_at IS NOT NULL", (family,)
+        )
+        return row is not None
+
     async def secret(self, name: str, make: str, now_ms: int) -> str:
         """The server secret `name`, created with the value `make` if there is none yet (the first
         node to start wins; every node reads the same value)."""
