@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit bench bench-auth clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ bench: $(STAMP)
 ## make bench-fhir: the built-in FHIR server (ingest, read, US Core searches) on SQLite and PostgreSQL
 bench-fhir: $(STAMP)
 	$(BIN)/python bench/fhir_bench.py
+
+## make bench-auth: tokens/s of the authorization server's token endpoint (client_credentials) on SQLite and PostgreSQL
+bench-auth: $(STAMP)
+	$(BIN)/python bench/auth_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -88,7 +88,11 @@ class RunningAuth:
 
 @contextlib.contextmanager
 def running_auth(
-    database_url: str, backend: str = "sqlite", signing_alg: str = "RS256", **config: Any
+    database_url: str,
+    backend: str = "sqlite",
+    signing_alg: str = "RS256",
+    redis_url: str | None = None,
+    **config: Any,
 ) -> Iterator[RunningAuth]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -97,6 +101,7 @@ def running_auth(
     base = f"http://127.0.0.1:{port}"
     config.setdefault("fhir_base", FHIR_BASE)
     app = AuthApp(database_url, ServerConfig(issuer=base, **config), signing_alg)
+    app.redis_url = redis_url
     server = uvicorn.Server(
         uvicorn.Config(
             app, lifespan="on", log_level="warning", http="httptools", loop="asyncio", access_log=False

@@ -443,3 +443,12 @@ def test_invalid_metadata_stores_nothing(db_url: str) -> None:
         await store.close()
 
     asyncio.run(run())
+
+
+def test_generated_ids_and_secrets_never_look_like_an_option() -> None:
+    """`fhirgate token --client-id ID --client-secret S` must not take them for options."""
+    from fhirgate.authserver.clients import command_line_safe
+
+    values = [command_line_safe(24) for _ in range(3000)]
+    assert not any(v.startswith("-") for v in values)
+    assert len(set(values)) == len(values)

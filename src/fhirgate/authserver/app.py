@@ -18,10 +18,10 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import anyio.to_thread
 import orjson
@@ -33,67 +33,36 @@ from starlette.routing import Route
 from fhirgate import clock
 from fhirgate.authserver import endpoints, flows, metadata
 from fhirgate.authserver.keys import KeyRing, SigningKey
-from fhirgate.authserver.oauth import OAuthServer, ServerConfig, TokenRequest
+from fhirgate.authserver.oauth import OAuthServer, ServerConfig, TokenRequest, claimed_client_id
+from fhirgate.authserver.ratelimit import FailureLimiter
+from fhirgate.authserver.replay import open_replay
+from fhirgate.authserver.responses import (
+    NO_STORE,
+    FormError,
+    error_code,
+    form_params,
+    json_response,
+    oauth_error,
+)
 from fhirgate.authserver.store import AuthStore
 from fhirgate.settings import Settings, load_settings
 
-__all__ = ["ActiveKey", "AuthApp", "create_app", "form_params", "oauth_error"]
+__all__ = ["ActiveKey", "AuthApp", "app_from_settings", "create_app"]
 
 log = logging.getLogger("fhirgate.authserver")
 
-MAX_FORM_BYTES = 64 * 1024
 #: How long a worker signs with the key it read before looking again (a `fhirgate keys rotate` in
 #: another process is noticed within this many seconds).
 KEY_RECHECK_SECONDS = 5.0
 HOUSEKEEPING_SECONDS = 60.0
-
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-
-
-def oauth_error(status: int, error: str, description: str, headers: dict[str, str] | None = None) -> Response:
-    """An RFC 6749 §5.2 error response."""
-    return json_response(status, {"error": error, "error_description": description}, headers)
-
-
-def json_response(
-    status: int, body: Any, headers: dict[str, str] | None = None, cache: bool = False
-) -> Response:
-    all_headers = {} if cache else dict(NO_STORE)
-    all_headers.update(headers or {})
-    return Response(orjson.dumps(body), status, all_headers, media_type="application/json")
-
-
-class FormError(ValueError):
-    pass
-
-
-async def form_params(request: Request) -> dict[str, str]:
-    """The body of a form POST as single-valued parameters (RFC 6749 §3.1, §3.2: parameters sent
-    without a value are treated as omitted; none may be repeated)."""
-    ctype = request.headers.get("content-type", "")
-    if ctype.split(";", 1)[0].strip().lower() != "application/x-www-form-urlencoded":
-        shown = ctype.split(";", 1)[0].strip() or "none"
-        raise FormError(f"the body must be application/x-www-form-urlencoded, not {shown}")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            raise FormError(f"the body is larger than {MAX_FORM_BYTES} bytes")
-    try:
-        text = body.decode("utf-8")
-        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text), errors="strict")
-    except (UnicodeDecodeError, ValueError):
-        raise FormError("the body is not valid UTF-8 form encoding") from None
-    return single_valued(pairs)
-
-
-def single_valued(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
-    params: dict[str, str] = {}
-    for name, value in pairs:
-        if name in params:
-            raise FormError(f"parameter {name} is repeated: send each parameter once")
-        params[name] = value
-    return {k: v for k, v in params.items() if v != ""}
+#: Failed client authentications allowed per client_id and caller address in RATE_WINDOW_SECONDS
+#: when neither the settings nor the constructor say (settings `auth_rate_limit`).
+DEFAULT_RATE_LIMIT = 10
+RATE_WINDOW_SECONDS = 60.0
+#: The error code of a 429 at the token endpoint. RFC 6749 registers none for rate limiting;
+#: `slow_down` is the one registered code (IANA OAuth Extensions Error registry, RFC 8628 §3.5)
+#: whose usage location is the token endpoint and whose meaning is "slow down" (docs/auth-server.md).
+RATE_LIMITED = "slow_down"
 
 
 class ActiveKey:
@@ -128,11 +97,17 @@ class AuthApp:
         config: ServerConfig,
         signing_alg: str = "RS256",
         settings: Settings | None = None,
+        rate_limit: int | None = None,
     ) -> None:
         self.database_url = database_url
         self.config = config
         self.signing_alg = signing_alg
         self.settings = settings
+        if rate_limit is None:
+            rate_limit = settings.auth_rate_limit if settings is not None else DEFAULT_RATE_LIMIT
+        #: Failed client authentications at /token per (client_id, caller address) and minute.
+        self.token_limiter = FailureLimiter(rate_limit, RATE_WINDOW_SECONDS)
+        self.redis_url = settings.redis_url if settings is not None else None
         self.store: AuthStore | None = None
         self.oauth: OAuthServer | None = None
         self.keys: ActiveKey | None = None
@@ -146,7 +121,8 @@ class AuthApp:
             Route("/.well-known/oauth-authorization-server", self.oauth_metadata, methods=["GET"]),
             Route("/.well-known/smart-configuration", self.smart_configuration, methods=["GET"]),
             Route("/jwks", self.jwks, methods=["GET"]),
-            Route("/token", self.token, methods=["POST"]),
+            # POST; any other method is a 405 in RFC 6749 JSON, not Starlette's plain text
+            Route("/token", self.token, methods=["POST", "GET", "PUT", "PATCH", "DELETE", "OPTIONS"]),
             *flows.routes(self),
             *endpoints.routes(self),
         ]
@@ -178,6 +154,8 @@ class AuthApp:
         await self.keys.refresh()
         await ring.prune(self.config.access_token_lifetime)
         self.oauth = OAuthServer(self.config, self.store, self.keys.current)
+        if self.redis_url:
+            self.oauth.replay = open_replay(self.store, self.redis_url)
         flows.install(self.oauth)
         endpoints.install(self.oauth)
         self._tasks.append(asyncio.create_task(self._housekeeping()))
@@ -188,6 +166,8 @@ class AuthApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.oauth is not None:
+            await self.oauth.replay.close()
         if self.store is not None:
             await self.store.close()
             self.store = None
@@ -224,11 +204,43 @@ class AuthApp:
     # --- the token endpoint --------------------------------------------------------------------
 
     async def token(self, request: Request) -> Response:
+        return await self.client_endpoint(
+            request,
+            "the token endpoint takes POST only (RFC 6749 section 3.2)",
+            lambda server, req: server.create_token_response(req),
+        )
+
+    async def client_endpoint(
+        self, request: Request, post_only: str, call: Callable[[OAuthServer, TokenRequest], Any]
+    ) -> Response:
+        """An endpoint where the client authenticates (`/token`, `/introspect`, `/revoke`): POST,
+        a form body, the Authlib `call`, and one failure limiter for all three, so none of them
+        is a side door for guessing a client secret. Failed client authentications are counted per
+        claimed client_id (unverified: the Basic header, the client_id parameter or the
+        assertion's sub) and caller address; successes never."""
+        if request.method != "POST":
+            return oauth_error(405, "invalid_request", post_only, {"Allow": "POST"})
         try:
             form = await form_params(request)
         except FormError as exc:
             return oauth_error(400, "invalid_request", str(exc))
-        return await self.run_oauth(request, form, lambda server, req: server.create_token_response(req))
+        client_id = claimed_client_id(request.headers.get("authorization"), form)
+        address = request.client.host if request.client is not None else "-"
+        key = f"{client_id}\x00{address}"
+        limiter = self.token_limiter
+        wait = limiter.retry_after(key)
+        if wait:
+            return oauth_error(
+                429,
+                RATE_LIMITED,
+                f"{limiter.limit} failed client authentications for this client from this address "
+                f"in the last {limiter.window:g} seconds: retry after {wait} seconds",
+                {"Retry-After": str(wait)},
+            )
+        response = await self.run_oauth(request, form, call)
+        if response.status_code in (400, 401) and error_code(response) == "invalid_client":
+            limiter.failed(key)
+        return response
 
     async def run_oauth(
         self, request: Request, form: dict[str, str], call: Callable[[OAuthServer, TokenRequest], Any]

@@ -298,6 +298,15 @@ def _secret_hash(secret: str) -> str:
 _NO_SECRET = _secret_hash(secrets.token_urlsafe(32))
 
 
+def command_line_safe(nbytes: int) -> str:
+    """A random URL-safe string that does not start with `-`, so it can follow a command-line
+    option (`fhirgate token --client-id ID --client-secret S`) without being taken for one."""
+    while True:
+        value = secrets.token_urlsafe(nbytes)
+        if not value.startswith("-"):
+            return value
+
+
 def secret_matches(secret_hash: str | None, secret: str) -> bool:
     """Whether `secret` hashes to `secret_hash` (False when there is none): one hash and one
     constant-time comparison in every case."""
@@ -348,15 +357,13 @@ class Clients:
     async def create(self, metadata: Mapping[str, Any]) -> tuple[Client, str | None]:
         """Register a client: (the client, its secret or None). The secret is shown only here."""
         validated = validate_metadata(metadata)
-        secret = (
-            secrets.token_urlsafe(32) if validated["token_endpoint_auth_method"] in SECRET_METHODS else None
-        )
+        secret = command_line_safe(32) if validated["token_endpoint_auth_method"] in SECRET_METHODS else None
         text = json.dumps(validated, separators=(",", ":"), sort_keys=True)
         now = int(clock.now() * 1000)
         async with self.store.write() as s:
             while True:  # 192 random bits: a collision is practically impossible, but never overwrite
                 stored = StoredClient(
-                    secrets.token_urlsafe(24), text, None if secret is None else _secret_hash(secret), now
+                    command_line_safe(24), text, None if secret is None else _secret_hash(secret), now
                 )
                 if await s.insert_client(stored):
                     break

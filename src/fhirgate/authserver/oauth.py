@@ -41,6 +41,7 @@ from authlib.oauth2.rfc6749 import (
     InvalidScopeError,
     OAuth2Request,
     UnauthorizedClientError,
+    UnsupportedGrantTypeError,
 )
 from authlib.oauth2.rfc6749.grants import ClientCredentialsGrant
 from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
@@ -51,6 +52,7 @@ from joserfc.jwk import KeySet
 from fhirgate import clock
 from fhirgate.authserver.clients import CLIENT_ASSERTION_ALGS, secret_matches
 from fhirgate.authserver.keys import SigningKey
+from fhirgate.authserver.replay import ReplayRegistry, StoreReplay
 from fhirgate.authserver.store import AuthStore, StoredClient
 
 __all__ = [
@@ -61,6 +63,7 @@ __all__ = [
     "OAuthServer",
     "ServerConfig",
     "TokenRequest",
+    "claimed_client_id",
 ]
 
 T = TypeVar("T")
@@ -155,22 +158,50 @@ class OAuthClient(ClientMixin):  # type: ignore[misc]
 
 class ClientKeys:
     """The public keys a `private_key_jwt` client verifies with: its registered `jwks`, or its
-    `jwks_uri` fetched (TLS verified, size-capped) and cached for `ttl` seconds."""
+    `jwks_uri` fetched (TLS verified, size-capped) and cached for `ttl` seconds. `refresh` (an
+    assertion's `kid` is not in the cached set: the client rotated its keys) fetches again, at most
+    once per `refetch_cooldown` seconds and URI, so unknown `kid`s cannot make the server hammer a
+    client's host."""
 
-    def __init__(self, fetch: Callable[[str], Awaitable[bytes]] | None = None, ttl: float = 300.0) -> None:
+    def __init__(
+        self,
+        fetch: Callable[[str], Awaitable[bytes]] | None = None,
+        ttl: float = 300.0,
+        refetch_cooldown: float = 30.0,
+        failure_cooldown: float = 10.0,
+    ) -> None:
         self._fetch = fetch
         self._ttl = ttl
+        self.refetch_cooldown = refetch_cooldown
+        self.failure_cooldown = failure_cooldown
         self._cache: dict[str, tuple[float, KeySet]] = {}
+        self._failed: dict[str, tuple[float, str]] = {}  # uri -> (retry not before, description)
+        self._registered: dict[str, KeySet] = {}
+        self._refetched: dict[str, float] = {}  # uri -> when an unknown kid last caused a fetch
 
-    async def keys(self, client: OAuthClient) -> KeySet:
+    def is_fetched(self, client: OAuthClient) -> bool:
+        return client.metadata.get("jwks") is None
+
+    async def keys(self, client: OAuthClient, refresh: bool = False) -> KeySet:
         jwks = client.metadata.get("jwks")
-        if jwks is not None:
-            return KeySet.import_key_set(jwks)
+        if jwks is not None:  # parsed once per registered set (the row's JSON is the cache key)
+            parsed = self._registered.get(client.stored.metadata)
+            if parsed is None:
+                parsed = KeySet.import_key_set(jwks)
+                if len(self._registered) >= 1024:
+                    self._registered.pop(next(iter(self._registered)))
+                self._registered[client.stored.metadata] = parsed
+            return parsed
         uri = str(client.metadata.get("jwks_uri") or "")
         cached = self._cache.get(uri)
         now = time.monotonic()
         if cached is not None and cached[0] > now:
-            return cached[1]
+            if not refresh or now - self._refetched.get(uri, -self.refetch_cooldown) < self.refetch_cooldown:
+                return cached[1]
+            self._refetched[uri] = now
+        failed = self._failed.get(uri)
+        if failed is not None and failed[0] > now:  # a failing host is not asked again at once
+            raise InvalidClientError(description=failed[1])
         if self._fetch is None:
             from fhirgate.tokens.jwks_cache import HttpFetcher
 
@@ -184,9 +215,15 @@ class ClientKeys:
             body = await self._fetch(uri)
             keyset = KeySet.import_key_set(json.loads(body))
         except Exception as exc:  # network, JSON or JWK errors: the client cannot be verified
-            raise InvalidClientError(
-                description=f"could not read the client's jwks_uri {_q(uri)}: {type(exc).__name__}",
-            ) from None
+            description = (
+                f"could not read the client's jwks_uri {_q(uri)}: {type(exc).__name__} "
+                f"(not fetched again for {self.failure_cooldown:g} seconds)"
+            )
+            self._failed[uri] = (now + self.failure_cooldown, description)
+            if len(self._failed) > 10_000:
+                self._failed.pop(next(iter(self._failed)))
+            raise InvalidClientError(description=description) from None
+        self._failed.pop(uri, None)
         self._cache[uri] = (now + self._ttl, keyset)
         return keyset
 
@@ -237,6 +274,9 @@ class PrivateKeyJwt(JWTBearerClientAssertion):  # type: ignore[misc]
         keyset: KeySet = Bridge.call(self.server.client_keys.keys, client)
         kid = headers.get("kid")
         candidates = [k for k in keyset.keys if kid is None or k.kid == kid]
+        if not candidates and kid is not None and self.server.client_keys.is_fetched(client):
+            keyset = Bridge.call(self.server.client_keys.keys, client, True)  # rotated keys?
+            candidates = [k for k in keyset.keys if k.kid == kid]
         if kid is None and len(candidates) != 1:
             raise InvalidClientError(
                 description="the client assertion has no kid and the client has several keys: set kid"
@@ -264,6 +304,11 @@ class PrivateKeyJwt(JWTBearerClientAssertion):  # type: ignore[misc]
                 description="the client assertion's iss and sub must both be the client_id"
             )
         aud = claims.get("aud")
+        if aud is None:
+            raise InvalidClientError(
+                description=f"the client assertion has no aud claim: it must be the token endpoint "
+                f"{self.server.config.token_endpoint}"
+            )
         audiences = aud if isinstance(aud, list) else [aud]
         if self.server.config.token_endpoint not in audiences:
             raise InvalidClientError(
@@ -335,6 +380,27 @@ def basic_credentials(header: str) -> tuple[str, str]:
             status_code=401, description="the Authorization header must carry client_id:secret"
         )
     return unquote(client_id.replace("+", " ")), unquote(secret.replace("+", " "))
+
+
+def claimed_client_id(authorization: str | None, form: Mapping[str, str]) -> str:
+    """The client_id a token request claims, unverified (for counting failures, never for trust):
+    from the Basic header, else the `client_id` parameter, else the client assertion's `sub`."""
+    if authorization is not None:
+        try:
+            return basic_credentials(authorization)[0]
+        except InvalidClientError:
+            return ""
+    if form.get("client_id"):
+        return form["client_id"]
+    parts = form.get("client_assertion", "").split(".")
+    if len(parts) == 3:
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        except (ValueError, binascii.Error):
+            return ""
+        if isinstance(claims, dict) and isinstance(claims.get("sub"), str):
+            return str(claims["sub"])
+    return ""
 
 
 @dataclass
@@ -450,6 +516,10 @@ class ClientCredentials(ClientCredentialsGrant):  # type: ignore[misc]
         check_registered(client, scopes)
 
 
+#: Members of a user grant's context that the token response carries (SMART App Launch 2.2).
+CONTEXT_RESPONSE_MEMBERS = ("patient", "encounter", "fhirContext", "need_patient_banner", "smart_style_url")
+
+
 @dataclass(frozen=True, slots=True)
 class Grantee:
     """Who a token is for and what context comes with it (`user` of Authlib's grants)."""
@@ -471,7 +541,11 @@ class OAuthServer(AuthorizationServer):  # type: ignore[misc]
         self.store = store
         self.signing_key = signing_key
         self.client_keys = ClientKeys()
+        self.replay: ReplayRegistry = StoreReplay(store)
         self._private_key_jwt = PrivateKeyJwt(self)
+        #: Persists what a user grant issued (`flows.install` sets it): the code or refresh token
+        #: consumed, the new refresh token, the access token's row in its family.
+        self.token_saver: Callable[[OAuth2Request, dict[str, Any], str, int, str], None] | None = None
         self.register_token_generator("default", self.generate_access_token)
         self.register_grant(ClientCredentials)
 
@@ -497,12 +571,30 @@ class OAuthServer(AuthorizationServer):  # type: ignore[misc]
         return Bridge.call(self.load_client, client_id)
 
     async def remember_jti(self, client_id: str, jti: str, exp: float) -> bool:
-        async with self.store.write() as s:
-            return await s.remember_jti(client_id, jti, int(exp * 1000) + ASSERTION_LEEWAY * 1000)
+        return await self.replay.remember(client_id, jti, int(exp * 1000) + ASSERTION_LEEWAY * 1000)
 
     def save_token(self, token: dict[str, Any], request: OAuth2Request) -> None:
-        token.pop("_jti", None)
-        token.pop("_exp", None)
+        jti = token.pop("_jti", None)
+        exp = token.pop("_exp", None)
+        family = token.pop("_family", None)
+        if family is not None and self.token_saver is not None:
+            self.token_saver(request, token, str(jti), int(exp), str(family))
+
+    def get_token_grant(self, request: OAuth2Request) -> Any:
+        """Authlib's, with the `error_description` Authlib leaves out, and `invalid_request` (RFC
+        6749 §5.2: a required parameter is missing) when there is no grant_type at all."""
+        try:
+            return super().get_token_grant(request)
+        except UnsupportedGrantTypeError:
+            grant_type = request.payload.grant_type
+            error = UnsupportedGrantTypeError(grant_type)
+            if grant_type is None:
+                error.error = "invalid_request"
+                error.description = "grant_type is missing"
+            else:
+                supported = ", ".join(grant.GRANT_TYPE for grant, _ in self._token_grants)
+                error.description = f"grant_type {_q(grant_type)} is not supported; use {supported}"
+            raise error from None
 
     def authenticate_client(
         self, request: OAuth2Request, methods: Sequence[str], endpoint: str = "token"
@@ -597,6 +689,17 @@ class OAuthServer(AuthorizationServer):  # type: ignore[misc]
             "_jti": claims["jti"],
             "_exp": claims["exp"],
         }
+        if user is not None and user.family is not None:
+            # a user grant: a refresh token when offline_access or online_access was granted (and
+            # the grant asks for one: the client is registered for refresh_token), and the SMART
+            # launch context (App Launch 2.2 "Launch context arrives with your access_token")
+            token["_family"] = user.family
+            granted = scope_list(scope)
+            if include_refresh_token and ("offline_access" in granted or "online_access" in granted):
+                token["refresh_token"] = secrets.token_urlsafe(32)
+            for name in CONTEXT_RESPONSE_MEMBERS:
+                if name in user.context:
+                    token[name] = user.context[name]
         return token
 
 

@@ -28,7 +28,10 @@ __all__ = [
     "AuthSession",
     "AuthStore",
     "StoredClient",
+    "StoredCode",
+    "StoredGrant",
     "StoredKey",
+    "StoredRefresh",
     "StoredUser",
     "current_version",
     "migrate",
@@ -84,6 +87,7 @@ MIGRATIONS: Sequence[Sequence[str]] = (
             login TEXT,
             scope TEXT NOT NULL,
             context TEXT NOT NULL,
+            auth_time BIGINT,
             created_at BIGINT NOT NULL,
             revoked_at BIGINT)""",
         """CREATE TABLE auth_code (
@@ -189,6 +193,72 @@ def _user(row: Row) -> StoredUser:
 def _client(row: Row) -> StoredClient:
     client_id, metadata, secret_hash, created = row
     return StoredClient(client_id, metadata, secret_hash, int(created))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredGrant:
+    """One row of `auth_grant`: one authorization a user gave one client (`context` is JSON)."""
+
+    family: str
+    client_id: str
+    username: str
+    login: str | None
+    scope: str
+    context: str
+    auth_time: int | None
+    created_at: int
+    revoked_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCode:
+    """One row of `auth_code` (the code only as its SHA-256)."""
+
+    code_hash: str
+    family: str
+    redirect_uri: str
+    code_challenge: str
+    nonce: str | None
+    expires_at: int
+    used_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRefresh:
+    """One row of `auth_refresh` (the token only as its SHA-256; `expires_at` NULL: none)."""
+
+    token_hash: str
+    family: str
+    scope: str
+    created_at: int
+    expires_at: int | None
+    used_at: int | None = None
+
+
+_GRANT_COLUMNS = "family, client_id, username, login, scope, context, auth_time, created_at, revoked_at"
+_CODE_COLUMNS = "code_hash, family, redirect_uri, code_challenge, nonce, expires_at, used_at"
+_REFRESH_COLUMNS = "token_hash, family, scope, created_at, expires_at, used_at"
+
+
+def _opt(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
+
+
+def _grant(row: Row) -> StoredGrant:
+    family, client_id, username, login, scope, context, auth_time, created, revoked = row
+    return StoredGrant(
+        family, client_id, username, login, scope, context, _opt(auth_time), int(created), _opt(revoked)
+    )
+
+
+def _code(row: Row) -> StoredCode:
+    code_hash, family, redirect_uri, challenge, nonce, expires, used = row
+    return StoredCode(code_hash, family, redirect_uri, challenge, nonce, int(expires), _opt(used))
+
+
+def _refresh(row: Row) -> StoredRefresh:
+    token_hash, family, scope, created, expires, used = row
+    return StoredRefresh(token_hash, family, scope, int(created), _opt(expires), _opt(used))
 
 
 class AuthSession:
@@ -374,6 +444,184 @@ class AuthSession:
         row = await self.conn.fetchrow("SELECT value FROM auth_secret WHERE name = ?", (name,))
         assert row is not None
         return str(row[0])
+
+    # --- introspection, revocation and the revocation feed (endpoints.py) ---------------------
+
+    async def access_token_status(self, jti: str) -> tuple[int | None, str | None, int | None] | None:
+        """What the store knows of one access token: (its revoked_at, its family, the family's
+        revoked_at), or None when it has no row (a client_credentials token never revoked)."""
+        row = await self.conn.fetchrow(
+            "SELECT t.revoked_at, t.family, g.revoked_at FROM auth_token t "
+            "LEFT JOIN auth_grant g ON g.family = t.family WHERE t.jti = ?",
+            (jti,),
+        )
+        if row is None:
+            return None
+        revoked, family, family_revoked = row
+        return (
+            None if revoked is None else int(revoked),
+            None if family is None else str(family),
+            None if family_revoked is None else int(family_revoked),
+        )
+
+    async def revoked_page(
+        self, since_ms: int, after_jti: str | None, now_ms: int, limit: int
+    ) -> list[tuple[str, int, int]]:
+        """One page of the revocation feed: revoked access tokens not yet expired, in
+        (revoked_at, jti) order, after the cursor (since_ms, after_jti) - or from since_ms
+        inclusive without after_jti: (jti, expires_at, revoked_at)."""
+        if after_jti is None:
+            return await self.revoked_since(since_ms, now_ms, limit)
+        rows = await self.conn.fetch(
+            "SELECT jti, expires_at, revoked_at FROM auth_token "
+            "WHERE revoked_at IS NOT NULL AND (revoked_at > ? OR (revoked_at = ? AND jti > ?)) "
+            "AND expires_at > ? ORDER BY revoked_at, jti LIMIT ?",
+            (since_ms, since_ms, after_jti, now_ms, limit),
+        )
+        return [(str(j), int(e), int(r)) for j, e, r in rows]
+
+    # --- the browser flows (flows.py): grants, codes, refresh tokens, launches, logins -----------
+
+    async def insert_grant(self, grant: StoredGrant) -> None:
+        await self.conn.execute(
+            f"INSERT INTO auth_grant ({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                grant.family,
+                grant.client_id,
+                grant.username,
+                grant.login,
+                grant.scope,
+                grant.context,
+                grant.auth_time,
+                grant.created_at,
+                grant.revoked_at,
+            ),
+        )
+
+    async def grant(self, family: str) -> StoredGrant | None:
+        row = await self.conn.fetchrow(f"SELECT {_GRANT_COLUMNS} FROM auth_grant WHERE family = ?", (family,))
+        return None if row is None else _grant(row)
+
+    async def insert_code(self, code: StoredCode) -> None:
+        await self.conn.execute(
+            f"INSERT INTO auth_code ({_CODE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                code.code_hash,
+                code.family,
+                code.redirect_uri,
+                code.code_challenge,
+                code.nonce,
+                code.expires_at,
+                code.used_at,
+            ),
+        )
+
+    async def code(self, code_hash: str) -> StoredCode | None:
+        row = await self.conn.fetchrow(
+            f"SELECT {_CODE_COLUMNS} FROM auth_code WHERE code_hash = ?", (code_hash,)
+        )
+        return None if row is None else _code(row)
+
+    async def use_code(self, code_hash: str, at_ms: int) -> bool:
+        """Mark a code used; False when it already was (a replay: nothing written)."""
+        return (
+            await self.conn.execute(
+                "UPDATE auth_code SET used_at = ? WHERE code_hash = ? AND used_at IS NULL", (at_ms, code_hash)
+            )
+            == 1
+        )
+
+    async def insert_refresh(self, refresh: StoredRefresh) -> None:
+        await self.conn.execute(
+            f"INSERT INTO auth_refresh ({_REFRESH_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                refresh.token_hash,
+                refresh.family,
+                refresh.scope,
+                refresh.created_at,
+                refresh.expires_at,
+                refresh.used_at,
+            ),
+        )
+
+    async def refresh(self, token_hash: str) -> StoredRefresh | None:
+        row = await self.conn.fetchrow(
+            f"SELECT {_REFRESH_COLUMNS} FROM auth_refresh WHERE token_hash = ?", (token_hash,)
+        )
+        return None if row is None else _refresh(row)
+
+    async def use_refresh(self, token_hash: str, at_ms: int) -> bool:
+        """Mark a refresh token used (rotated); False when it already was (a reuse)."""
+        return (
+            await self.conn.execute(
+                "UPDATE auth_refresh SET used_at = ? WHERE token_hash = ? AND used_at IS NULL",
+                (at_ms, token_hash),
+            )
+            == 1
+        )
+
+    async def insert_launch(self, launch_hash: str, client_id: str, context: str, expires_at_ms: int) -> None:
+        await self.conn.execute(
+            "INSERT INTO auth_launch (launch_hash, client_id, context, expires_at, used_at) "
+            "VALUES (?, ?, ?, ?, NULL)",
+            (launch_hash, client_id, context, expires_at_ms),
+        )
+
+    async def launch(self, launch_hash: str) -> tuple[str, str, int, int | None] | None:
+        """(client_id, context JSON, expires_at, used_at) of a launch value's hash."""
+        row = await self.conn.fetchrow(
+            "SELECT client_id, context, expires_at, used_at FROM auth_launch WHERE launch_hash = ?",
+            (launch_hash,),
+        )
+        if row is None:
+            return None
+        client_id, context, expires, used = row
+        return str(client_id), str(context), int(expires), None if used is None else int(used)
+
+    async def use_launch(self, launch_hash: str, at_ms: int) -> bool:
+        """Mark a launch used; False when it already was."""
+        return (
+            await self.conn.execute(
+                "UPDATE auth_launch SET used_at = ? WHERE launch_hash = ? AND used_at IS NULL",
+                (at_ms, launch_hash),
+            )
+            == 1
+        )
+
+    async def insert_login(self, session_hash: str, username: str, created_ms: int, expires_ms: int) -> None:
+        await self.conn.execute(
+            "INSERT INTO auth_login (session_hash, username, created_at, expires_at, ended_at) "
+            "VALUES (?, ?, ?, ?, NULL)",
+            (session_hash, username, created_ms, expires_ms),
+        )
+
+    async def login(self, session_hash: str, now_ms: int) -> tuple[str, int, int] | None:
+        """(username, created_at, expires_at) of a login session still running at `now_ms`."""
+        row = await self.conn.fetchrow(
+            "SELECT username, created_at, expires_at FROM auth_login "
+            "WHERE session_hash = ? AND ended_at IS NULL AND expires_at > ?",
+            (session_hash, now_ms),
+        )
+        return None if row is None else (str(row[0]), int(row[1]), int(row[2]))
+
+    async def end_login(self, session_hash: str, at_ms: int) -> bool:
+        """End a login session (its online_access refresh tokens stop working)."""
+        return (
+            await self.conn.execute(
+                "UPDATE auth_login SET ended_at = ? WHERE session_hash = ? AND ended_at IS NULL",
+                (at_ms, session_hash),
+            )
+            == 1
+        )
+
+    async def patient_users(self, limit: int) -> list[str]:
+        """The `Patient/ID` fhir_user values of the users, sorted, at most `limit`."""
+        rows = await self.conn.fetch(
+            "SELECT DISTINCT fhir_user FROM auth_user WHERE fhir_user LIKE 'Patient/%' "
+            "ORDER BY fhir_user LIMIT ?",
+            (limit,),
+        )
+        return [str(r[0]) for r in rows]
 
 
 class AuthStore:

@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         gateway_cmd,
         jwks_cmd,
         keys_cmd,
+        launch_cmd,
+        token_cmd,
         users_cmd,
     )
 
@@ -37,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     users_cmd.register(sub)
     clients_cmd.register(sub)
     auth_cmd.register(sub)
+    launch_cmd.register(sub)
+    token_cmd.register(sub)
     return parser
 
 

@@ -19,7 +19,9 @@ remembers the key object that verified it and is served only while the JWKS cach
 hand out that very object for the token's (`iss`, `kid`, `alg`) without a fetch (`peek`). A JWKS
 refresh builds new key objects, so it invalidates every entry (each token is verified once more);
 a key removed from the JWKS, or a key set past its cache period, is never trusted from the token
-cache.
+cache. With `revocation_feed_url` (a fhirgate extension), the worker's shared poller
+(`fhirgate.tokens.revocation_feed`, started by `init_worker` or the first request, released by
+`close`) fills the revocation set that the cache and the plugin consult.
 
 Refusals (RFC 6750 §3, DECISIONS.md): the status, a `WWW-Authenticate: Bearer` challenge with
 `realm` (and `error`, `error_description`, `scope` where RFC 6750 says so), and a
@@ -53,6 +55,7 @@ from fhirgate.gateway.context import BodyTooLarge
 from fhirgate.gateway.plugins._auth import set_consumer
 from fhirgate.gateway.plugins.base import Plugin
 from fhirgate.gateway.plugins.openid_connect.schema import OpenIdConnectConfig
+from fhirgate.tokens import revocation_feed
 from fhirgate.tokens.cache import VerifiedTokenCache
 from fhirgate.tokens.claims import check_aud, check_exp, check_iat, check_nbf, check_typ
 from fhirgate.tokens.errors import (
@@ -300,6 +303,29 @@ class Handler(Plugin):
         self._consumers: dict[str, dict[str, Any]] = {}
         #: Verified tokens; new with every instance, so with every configuration.
         self.token_cache: VerifiedTokenCache[_Verified] = VerifiedTokenCache(self.token_cache_size)
+        #: The worker's poller of `revocation_feed_url` (shared), once this instance has started.
+        self.feed: revocation_feed.RevocationFeed | None = None
+        self._wants_feed = c.revocation_feed_url is not None
+
+    def init_worker(self) -> None:
+        self._start_feed()
+
+    def close(self) -> None:
+        feed, self.feed = self.feed, None
+        self._wants_feed = False
+        if feed is not None:
+            revocation_feed.release(feed)
+
+    def _start_feed(self) -> None:
+        c = self.config
+        if c.revocation_feed_url is not None and self.feed is None:
+            self.feed = revocation_feed.acquire(
+                c.revocation_feed_url,
+                c.revocation_poll_interval,
+                timeout=c.jwks_fetch_timeout,
+                max_bytes=c.jwks_max_bytes,
+            )
+            self._wants_feed = self.feed is None  # outside a loop: try again on the first request
 
     def bind_config(self, config: GatewayConfig) -> None:
         indexes: dict[str, dict[str, Any]] = {"id": {}, "username": {}, "custom_id": {}}
@@ -344,6 +370,8 @@ class Handler(Plugin):
     # -- access --------------------------------------------------------------------------------
 
     async def access(self, kong: PDK) -> None:
+        if self._wants_feed:
+            self._start_feed()
         if not self.config.run_on_preflight and kong.request.get_method() == "OPTIONS":
             return
         anonymous = self.config.anonymous

@@ -197,11 +197,34 @@ class OpenIdConnectConfig(PluginConfig):
     jwks_max_bytes: int = Field(
         MAX_BYTES, gt=0, description="Largest metadata document or JWKS accepted (bytes)."
     )
+    revocation_feed_url: str | None = Field(
+        None,
+        description=(
+            "fhirgate extension: a revocation feed to poll (fhirgate's authorization server: "
+            "`{issuer}/revocations`). Tokens it lists (by `jti`) are refused with 401 "
+            "`invalid_token`, cached or not, from the next poll on. One poller per worker and URL, "
+            "shared by every instance; a failed poll keeps what was learned. Unset: no polling."
+        ),
+    )
+    revocation_poll_interval: float = Field(
+        2,
+        ge=0.1,
+        le=3600,
+        description=(
+            "fhirgate extension: seconds between polls of `revocation_feed_url` (each poll reads "
+            "the feed to its end, at most 20 pages)."
+        ),
+    )
 
     @field_validator("issuer")
     @classmethod
     def _issuer(cls, v: str) -> str:
         return _url(v, "issuer")
+
+    @field_validator("revocation_feed_url")
+    @classmethod
+    def _feed(cls, v: str | None) -> str | None:
+        return _url(v, "revocation_feed_url") if v is not None else None
 
     @field_validator("extra_jwks_uris")
     @classmethod
