@@ -152,3 +152,44 @@ def test_online_access_ends_with_the_login_session(auth: RunningAuth) -> None:
     assert r.status_code == 400
     assert r.json()["error"] == "invalid_grant"
     assert "login session" in r.json()["error_description"]
+
+
+def test_deleting_the_user_or_the_client_revokes_their_authorizations(auth: RunningAuth) -> None:
+    """`fhirgate users delete` / `clients delete` end what the user or client authorized."""
+    import asyncio
+
+    from fhirgate.authserver.clients import Clients
+    from fhirgate.authserver.store import AuthStore
+    from fhirgate.authserver.users import Users
+
+    def run(action: Any) -> None:
+        async def go() -> None:
+            store = await AuthStore.open(auth.database_url)
+            try:
+                await action(store)
+            finally:
+                await store.close()
+
+        asyncio.run(go())
+
+    auth.add_user("dora", PASSWORD, "Patient/d1")
+    client_id = public_client(auth)
+    token = code_flow(auth, client_id, "dora", PASSWORD, SCOPE)["token"]
+    run(lambda store: Users(store).delete("dora"))
+    r = _refresh(auth, client_id, token["refresh_token"])
+    assert r.status_code == 400
+    assert r.json()["error"] == "invalid_grant"
+    jti = _jti(auth, token["access_token"])
+    assert auth.query("SELECT revoked_at IS NOT NULL FROM auth_token WHERE jti = ?", (jti,)) == [(True,)]
+    assert auth.query("SELECT count(*) FROM auth_login WHERE username = 'dora' AND ended_at IS NULL") == [
+        (0,)
+    ]
+
+    other = public_client(auth)
+    kept = code_flow(auth, client_id := other, "carol", PASSWORD, SCOPE)["token"]
+    run(lambda store: Clients(store).delete(client_id))
+    gone = _refresh(auth, client_id, kept["refresh_token"])
+    assert gone.status_code in (400, 401)
+    assert auth.query(
+        "SELECT count(*) FROM auth_grant WHERE client_id = ? AND revoked_at IS NULL", (client_id,)
+    ) == [(0,)]

@@ -246,3 +246,28 @@ def test_bodies_that_are_not_one_json_object(opened: RunningAuth) -> None:
     huge = _register(auth, None, content=json.dumps({"client_name": "x" * 70_000}).encode())
     assert huge.status_code == 413
     assert auth.client.get("/register", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 405
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["http://127.0.0.1:6379/jwks", "http://localhost/keys.json", "HTTP://[::1]/x", "file:///etc/passwd"],
+)
+def test_a_registered_jwks_uri_must_be_https(opened: RunningAuth, uri: str) -> None:
+    """The server fetches a client's jwks_uri: /register never lets a caller aim it at a local
+    service (fhirgate clients create may still register a loopback key set)."""
+    metadata = {
+        "grant_types": ["client_credentials"],
+        "token_endpoint_auth_method": "private_key_jwt",
+        "jwks_uri": uri,
+        "client_name": "register-ssrf",
+    }
+    r = _register(opened, metadata)
+    assert r.status_code == 400
+    assert r.json() == {
+        "error": "invalid_client_metadata",
+        "error_description": "jwks_uri must be an https URI when registering through /register (the server "
+        "fetches it); register http loopback key sets with fhirgate clients create",
+    }
+    assert opened.query("SELECT count(*) FROM auth_client WHERE metadata LIKE ?", ("%register-ssrf%",)) == [
+        (0,)
+    ]

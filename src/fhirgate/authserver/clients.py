@@ -380,9 +380,13 @@ class Clients:
             return [_public(c) for c in await s.clients()]
 
     async def delete(self, client_id: str) -> None:
-        """Delete a client; `UnknownClientError` if there is none."""
+        """Delete a client and revoke every authorization it holds (refresh tokens, the access
+        tokens issued with them); `UnknownClientError` if there is none. Its client_credentials
+        tokens were never recorded: they expire by themselves (at most one hour)."""
         async with self.store.write() as s:
             deleted = await s.delete_client(client_id)
+            if deleted:  # its users' authorizations end with it
+                await s.revoke_grants_of("client_id", client_id, int(clock.now() * 1000))
         if not deleted:
             raise UnknownClientError(MSG_UNKNOWN_CLIENT.format(value=quote_value(client_id)))
 

@@ -112,6 +112,10 @@ MSG_JSON_TYPE = "the body must be application/json client metadata (RFC 7591 sec
 MSG_JSON_SIZE = f"the body is larger than {MAX_REGISTRATION_BYTES} bytes"
 MSG_JSON_INVALID = "the body is not a valid UTF-8 JSON object"
 MSG_JSON_DUPLICATE = "the JSON object repeats the member {name}"
+MSG_JWKS_URI_HTTPS = (
+    "jwks_uri must be an https URI when registering through /register (the server fetches it); "
+    "register http loopback key sets with fhirgate clients create"
+)
 
 
 def refresh_token_hash(token: str) -> str:
@@ -358,6 +362,10 @@ class _Endpoints:
             return oauth_error(400, "invalid_client_metadata", MSG_JSON_INVALID)
         if not isinstance(metadata, dict):
             return oauth_error(400, "invalid_client_metadata", MSG_JSON_INVALID)
+        jwks_uri = metadata.get("jwks_uri")
+        if isinstance(jwks_uri, str) and not jwks_uri.lower().startswith("https://"):
+            # the server fetches it: over /register only https, never a loopback service (SSRF)
+            return oauth_error(400, "invalid_client_metadata", MSG_JWKS_URI_HTTPS)
         assert self.app.store is not None
         try:
             client, secret = await Clients(self.app.store).create(metadata)

@@ -427,6 +427,22 @@ class AuthSession:
             "UPDATE auth_token SET revoked_at = ? WHERE family = ? AND revoked_at IS NULL", (at_ms, family)
         )
 
+    async def revoke_grants_of(self, column: str, value: str, at_ms: int) -> int:
+        """Revoke every authorization of a user (`column` "username") or a client ("client_id")
+        as `revoke_family` does; a user's login sessions end too. Returns how many."""
+        if column not in ("username", "client_id"):
+            raise ValueError(column)
+        rows = await self.conn.fetch(
+            f"SELECT family FROM auth_grant WHERE {column} = ? AND revoked_at IS NULL", (value,)
+        )
+        for (family,) in rows:
+            await self.revoke_family(str(family), at_ms)
+        if column == "username":
+            await self.conn.execute(
+                "UPDATE auth_login SET ended_at = ? WHERE username = ? AND ended_at IS NULL", (at_ms, value)
+            )
+        return len(rows)
+
     async def family_revoked(self, family: str) -> bool:
         row = await self.conn.fetchrow(
             "SELECT 1 FROM auth_grant WHERE family = ? AND revoked_at IS NOT NULL", (family,)

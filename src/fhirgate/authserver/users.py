@@ -186,9 +186,13 @@ class Users:
             return [_public(u) for u in await s.users()]
 
     async def delete(self, username: str) -> None:
-        """Delete a user; `UnknownUserError` if there is none."""
+        """Delete a user and revoke everything they authorized (their refresh tokens stop working,
+        their access tokens enter the revocation feed, their login sessions end);
+        `UnknownUserError` if there is none."""
         async with self.store.write() as s:
             deleted = await s.delete_user(username)
+            if deleted:
+                await s.revoke_grants_of("username", username, int(clock.now() * 1000))
         if not deleted:
             raise UnknownUserError(MSG_UNKNOWN.format(value=_q(username)))
 
