@@ -164,6 +164,12 @@ class Settings(BaseSettings):
         le=10000,
         description="Largest `_count`; larger values are clamped (the self link says so).",
     )
+    fhir_auth_issuer: str | None = Field(
+        None,
+        description="Issuer URL of the fhirgate authorization server that protects this FHIR server "
+        "(e.g. `http://localhost:8000/auth`): `/metadata` then declares SMART-on-FHIR security with "
+        "its authorize, token, register, manage, introspect and revoke URLs. Unset: no security section.",
+    )
     fhir_max_body: int = Field(
         64 * 1024 * 1024,
         ge=1024,

@@ -69,7 +69,8 @@ def gateway_config(auth_port: int, upstream: str, issuer: str, fhir_base: str) -
         elif service["name"] == "fhir":
             service["url"] = upstream
             plugin = service["routes"][0]["plugins"][0]
-            assert set(plugin["config"]) == {"issuer", "audience_required"}
+            assert set(plugin["config"]) == {"issuer", "audience_required", "revocation_feed_url"}
+            # issue 5 §3: the plugin accepts the tokens with only these two set
             plugin["config"] = {"issuer": issuer, "audience_required": [fhir_base]}
     return config
 

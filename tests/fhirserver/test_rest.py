@@ -483,3 +483,31 @@ def test_decimals_keep_their_precision(fhir: RunningFhir) -> None:
     assert b'"value":0.10}' in r.content
     location = r.json()["entry"][0]["response"]["location"]
     assert b'"value":0.10}' in fhir.client.get("/" + "/".join(location.split("/")[:2])).content
+
+
+def test_metadata_declares_smart_security_when_an_issuer_protects_it(tmp_path: Any) -> None:
+    """SMART App Launch 2.2: the CapabilityStatement names the authorization server's endpoints
+    (oauth-uris) and the SMART-on-FHIR security service; without an issuer nothing is claimed."""
+    from tests.fhirserver.harness import database, running_fhir
+
+    issuer = "http://localhost:8000/auth"
+    with database("sqlite", tmp_path) as url, running_fhir(url, auth_issuer=issuer + "/") as server:
+        rest = server.client.get("/metadata").json()["rest"][0]
+    security = rest["security"]
+    assert security["service"][0]["coding"] == [
+        {"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}
+    ]
+    (uris,) = security["extension"]
+    assert uris["url"] == "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+    assert {e["url"]: e["valueUri"] for e in uris["extension"]} == {
+        "authorize": f"{issuer}/authorize",
+        "token": f"{issuer}/token",
+        "register": f"{issuer}/register",
+        "manage": f"{issuer}/manage",
+        "introspect": f"{issuer}/introspect",
+        "revoke": f"{issuer}/revoke",
+    }
+
+
+def test_metadata_claims_no_security_by_default(fhir: RunningFhir) -> None:
+    assert "security" not in fhir.client.get("/metadata").json()["rest"][0]

@@ -30,6 +30,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--listen", dest="fhir_listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
     p.add_argument("--base-url", dest="fhir_base_url", metavar="URL", help="absolute base URL clients see")
+    p.add_argument(
+        "--auth-issuer",
+        dest="fhir_auth_issuer",
+        metavar="URL",
+        help="the fhirgate authorization server protecting it: /metadata declares SMART security",
+    )
     p.add_argument("--workers", dest="fhir_workers", type=int, help="worker processes (default: cores)")
     p.add_argument("--data-dir", dest="data_dir", type=Path, help="where the SQLite file lives (.fhirgate)")
     p.add_argument("--settings", type=Path, help="node settings file (default ./fhirgate.toml)")
@@ -39,7 +45,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     overrides = {
         k: getattr(args, k)
-        for k in ("fhir_database_url", "fhir_listen", "fhir_base_url", "fhir_workers", "data_dir")
+        for k in (
+            "fhir_database_url",
+            "fhir_listen",
+            "fhir_base_url",
+            "fhir_workers",
+            "data_dir",
+            "fhir_auth_issuer",
+        )
     }
     try:
         settings = load_settings(args.settings, **overrides)
@@ -53,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     # Workers rebuild the server from the environment: pass the resolved settings on.
     os.environ["FHIRGATE_FHIR_DATABASE_URL"] = settings.fhir_database()
     os.environ["FHIRGATE_FHIR_BASE_URL"] = settings.fhir_base()
+    if settings.fhir_auth_issuer:
+        os.environ["FHIRGATE_FHIR_AUTH_ISSUER"] = settings.fhir_auth_issuer
     if args.settings:
         os.environ["FHIRGATE_SETTINGS_FILE"] = str(args.settings)
     # Create or migrate the schema once, before the workers start.

@@ -61,8 +61,10 @@ class FhirServer:
         default_count: int = 20,
         max_count: int = 1000,
         max_body: int = 64 * 1024 * 1024,
+        auth_issuer: str | None = None,
     ) -> None:
         self.store = store
+        self.auth_issuer = auth_issuer
         self.database_url = database_url
         self.base = base_url.rstrip("/")
         self.default_count = default_count
@@ -262,7 +264,9 @@ class FhirServer:
 
     async def _metadata(self, request: Request, session: Session) -> Response:
         if self._capability is None:
-            self._capability = orjson.dumps(capability.build(self.base, self.indexer, self.defs))
+            self._capability = orjson.dumps(
+                capability.build(self.base, self.indexer, self.defs, self.auth_issuer)
+            )
         return Response(200, self._capability, {"Content-Type": FHIR_JSON})
 
     # ---- instance level ----------------------------------------------------------------------

@@ -18,6 +18,7 @@ def server_from_settings(settings: Settings) -> FhirServer:
         default_count=settings.fhir_default_count,
         max_count=settings.fhir_max_count,
         max_body=settings.fhir_max_body,
+        auth_issuer=settings.fhir_auth_issuer,
     )
 
 

@@ -36,7 +36,45 @@ _RESULT_PARAMS = (
 )
 
 
-def build(base: str, indexer: Any, defs: Definitions) -> dict[str, Any]:
+#: SMART App Launch 2.2 §"FHIR Authorization Endpoint and Capabilities Discovery" (the
+#: CapabilityStatement form, kept for clients that read it instead of smart-configuration).
+OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+_OAUTH_ENDPOINTS = (
+    ("authorize", "/authorize"),
+    ("token", "/token"),
+    ("register", "/register"),
+    ("manage", "/manage"),
+    ("introspect", "/introspect"),
+    ("revoke", "/revoke"),
+)
+
+
+def security(issuer: str) -> dict[str, Any]:
+    """`rest.security` for a server protected by fhirgate's authorization server at `issuer`."""
+    issuer = issuer.rstrip("/")
+    return {
+        "service": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                        "code": "SMART-on-FHIR",
+                    }
+                ],
+                "text": "OAuth 2.0 with SMART App Launch 2.2",
+            }
+        ],
+        "extension": [
+            {
+                "url": OAUTH_URIS,
+                "extension": [{"url": name, "valueUri": issuer + path} for name, path in _OAUTH_ENDPOINTS],
+            }
+        ],
+        "description": f"Tokens from {issuer}; discovery at .well-known/smart-configuration under this base.",
+    }
+
+
+def build(base: str, indexer: Any, defs: Definitions, auth_issuer: str | None = None) -> dict[str, Any]:
     reverse: dict[str, list[str]] = {}
     resources = []
     for rtype in sorted(defs.resource_types):
@@ -77,6 +115,13 @@ def build(base: str, indexer: Any, defs: Definitions) -> dict[str, Any]:
         resources.append(entry)
     for entry in resources:
         entry["searchRevInclude"] = sorted(reverse.get(entry["type"], []) + reverse.get("Resource", []))
+    rest: dict[str, Any] = {
+        "mode": "server",
+        "documentation": "Search parameters from the FHIR R4 SearchParameter definitions "
+        f"({defs.source}). Dates without a time zone are taken as UTC.",
+    }
+    if auth_issuer:
+        rest["security"] = security(auth_issuer)
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -90,9 +135,7 @@ def build(base: str, indexer: Any, defs: Definitions) -> dict[str, Any]:
         "patchFormat": ["application/json-patch+json"],
         "rest": [
             {
-                "mode": "server",
-                "documentation": "Search parameters from the FHIR R4 SearchParameter definitions "
-                f"({defs.source}). Dates without a time zone are taken as UTC.",
+                **rest,
                 "resource": resources,
                 "interaction": [
                     {"code": "transaction"},
