@@ -12,12 +12,18 @@ Authlib's grants do the OAuth work, subclassed where SMART App Launch 2.2 is str
 - `RefreshGrant` (`RefreshTokenGrant`): bound to its client, no scope escalation, rotated at every
   use, a reused refresh token revokes its whole family; `online_access` ends with the login.
 - `OpenIDConnect` (`OpenIDCode`): an RS256 ID token (`iss`, `sub`, `aud`, `iat`, `exp`, `nonce`,
-  `auth_time`, `at_hash`, `fhirUser`) signed with the store's RS256 key.
+  `auth_time`, `at_hash`, `fhirUser`) signed with the store's RS256 key; `RefreshGrant` issues a
+  new one (same `sub`, `fhirUser`, `auth_time`; no `nonce`) when `openid` was granted.
 
 The pages carry the pending authorization request in a hidden field, sealed (HMAC-SHA-256 with a
 server secret shared by every node, bound to the browser's cookie, expiring), and every POST
 validates the whole request again through Authlib; the CSRF token is an HMAC of the browser cookie.
 A login session is a random cookie whose SHA-256 is kept in `auth_login`.
+
+`/logout` (GET: a form; POST with the CSRF token) ends the login session, so the `online_access`
+refresh tokens issued in it stop working at once. `/manage` (SMART's `management_endpoint`) lists
+the signed-in user's authorizations that still give access, each with a revoke form (POST with the
+CSRF token and the family; only the user's own), which revokes the whole family.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import secrets
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -65,7 +72,6 @@ from fhirgate.authserver.oauth import (
     OAuthServer,
     TokenRequest,
     _q,
-    check_registered,
     check_scope_syntax,
     scope_list,
 )
@@ -103,10 +109,15 @@ FIXED_SCOPES = frozenset(
         "online_access",
     }
 )
-#: SMART resource scopes: v1 `.read`/`.write`/`.*`, v2 `.cruds` (letters in that order, with an
-#: optional `?param=value` restriction).
-_V1_SCOPE = re.compile(r"(patient|user|system)/(\*|[A-Z][A-Za-z]{0,63})\.(read|write|\*)")
-_V2_SCOPE = re.compile(r"(patient|user|system)/(\*|[A-Z][A-Za-z]{0,63})\.(?=[cruds])c?r?u?d?s?(\?[^\s]+)?")
+#: SMART resource scopes: v1 `.read`/`.write`/`.*`; v2 `.cruds` (at least one letter, each at most
+#: once, in that order) with an optional granular restriction `?param=value(&param=value)*`
+#: (SMART App Launch 2.2 §"Scopes": `patient/Observation.rs?category=http://...|laboratory`): a
+#: search parameter name (modifiers such as `code:in` allowed) and a non-empty value without
+#: `&`, `=` or `?`.
+_RESOURCE = r"(patient|user)/(\*|[A-Z][A-Za-z]{0,63})\."
+_PARAM = r"[A-Za-z_][A-Za-z0-9_\-.:]{0,63}=[^\s&=?]+"
+_V1_SCOPE = re.compile(_RESOURCE + r"(read|write|\*)")
+_V2_SCOPE = re.compile(_RESOURCE + rf"(?=[cruds])c?r?u?d?s?(\?{_PARAM}(&{_PARAM})*)?")
 _CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")
 _VERIFIER = re.compile(r"[A-Za-z0-9\-._~]{43,128}")
 _PATIENT_REF = re.compile(r"Patient/([A-Za-z0-9\-.]{1,64})")
@@ -118,6 +129,8 @@ COOKIE_SESSION = "fhirgate_session"
 FORM_LIFETIME = 1800
 #: At most this many patients in the picker.
 PICKER_LIMIT = 200
+#: At most this many authorizations on the management page.
+MANAGE_LIMIT = 500
 STYLE = {
     "color_background": "#f7f7f5",
     "color_error": "#a00000",
@@ -158,10 +171,51 @@ def check_user_scopes(scopes: Sequence[str]) -> None:
             raise InvalidScopeError(
                 description=f"scope {_q(s)} is not supported: use openid, fhirUser, launch, "
                 "launch/patient, launch/encounter, offline_access, online_access and patient/ or "
-                "user/ resource scopes (v1 .read .write, v2 .cruds)"
+                "user/ resource scopes (v1 .read .write .*, v2 .cruds in that order, optionally "
+                "?param=value&...)"
             )
     if "offline_access" in scopes and "online_access" in scopes:
         raise InvalidScopeError(description="ask for offline_access or online_access, not both")
+
+
+_PERMISSIONS = {"read": "rs", "write": "cud", "*": "cruds"}
+
+
+def _resource_scope(scope: str) -> tuple[str, str, str, str] | None:
+    """(context, resource type, permission letters, restriction) of a SMART resource scope."""
+    match = _V1_SCOPE.fullmatch(scope)
+    if match:
+        return match[1], match[2], _PERMISSIONS[match[3]], ""
+    match = _V2_SCOPE.fullmatch(scope)
+    if match:
+        action = scope[len(match[1]) + len(match[2]) + 2 :]
+        letters, _, query = action.partition("?")
+        return match[1], match[2], letters, query
+    return None
+
+
+def covers(registered: str, requested: str) -> bool:
+    """Whether a client that registered the scope `registered` may ask for `requested`: the same
+    scope, or a resource scope within it (same context, the same type or `*`, fewer
+    permissions, a restriction only added: `patient/*.rs` covers `patient/Observation.rs?...`)."""
+    if registered == requested:
+        return True
+    wide, narrow = _resource_scope(registered), _resource_scope(requested)
+    if wide is None or narrow is None or wide[3]:
+        return False
+    return wide[0] == narrow[0] and wide[1] in ("*", narrow[1]) and set(narrow[2]) <= set(wide[2])
+
+
+def check_registered_user(client: OAuthClient, scopes: Sequence[str]) -> None:
+    """Every requested scope within what the client registered (when it registered a `scope`)."""
+    allowed = client.registered_scopes
+    if allowed is None:
+        return
+    for s in scopes:
+        if not any(covers(r, s) for r in allowed):
+            raise InvalidScopeError(
+                description=f"scope {_q(s)} is not registered for client {_q(client.client_id)}"
+            )
 
 
 def _patient_id(fhir_user: str | None) -> str | None:
@@ -481,7 +535,7 @@ class CodeGrant(AuthorizationCodeGrant):  # type: ignore[misc]
             raise InvalidScopeError(description="scope is missing")
         self.scopes = check_scope_syntax(scope)
         check_user_scopes(self.scopes)
-        check_registered(client, self.scopes)
+        check_registered_user(client, self.scopes)
         launch = data.get("launch")
         if launch is not None:
             if "launch" not in self.scopes:
@@ -611,6 +665,15 @@ class RefreshGrant(RefreshTokenGrant):  # type: ignore[misc]
     def revoke_old_credential(self, refresh_token: RefreshRecord) -> None:
         """Nothing: the old refresh token is marked used when the new one is saved."""
 
+    def create_token_response(self) -> Any:
+        """Authlib's response, plus a new ID token when the authorization included `openid`
+        (OpenID Connect Core 1.0 §12.2: same `sub`, `fhirUser` and `auth_time`, no `nonce`)."""
+        status, token, headers = super().create_token_response()
+        record: RefreshRecord = self.request.refresh_token
+        if "openid" in scope_list(record.grant.scope) and "openid" in scope_list(token.get("scope")):
+            token["id_token"] = make_id_token(self.server, self.request, token, record.grant.auth_time, None)
+        return status, token, headers
+
 
 class OpenIDConnect(OpenIDCode):  # type: ignore[misc]
     """OpenID Connect Core 1.0 §3.1 with the code flow: an RS256 ID token when `openid` was granted."""
@@ -636,26 +699,37 @@ class OpenIDConnect(OpenIDCode):  # type: ignore[misc]
         raise NotImplementedError("process_token calls id_token")
 
     def id_token(self, server: OAuthServer, token: Mapping[str, Any], request: OAuth2Request) -> str:
-        grantee: Grantee = request.user
         code: CodeRecord = request.authorization_code
-        now = int(clock.now())
-        claims: dict[str, Any] = {
-            "iss": server.config.issuer,
-            "sub": grantee.sub,
-            "aud": request.client.client_id,
-            "iat": now,
-            "exp": now + server.config.access_token_lifetime,
-        }
-        if code.get_auth_time() is not None:
-            claims["auth_time"] = int(code.get_auth_time() or 0) // 1000
-        if code.get_nonce():
-            claims["nonce"] = code.get_nonce()
-        digest_ = hashlib.sha256(str(token["access_token"]).encode()).digest()
-        claims["at_hash"] = base64.urlsafe_b64encode(digest_[:16]).rstrip(b"=").decode()
-        if grantee.fhir_user and "fhirUser" in scope_list(token.get("scope")):
-            claims["fhirUser"] = f"{server.config.fhir_base}/{grantee.fhir_user}"
-        key: SigningKey = Bridge.call(model(server).id_token_key)
-        return key.sign(claims, typ="JWT")
+        return make_id_token(server, request, token, code.get_auth_time(), code.get_nonce())
+
+
+def make_id_token(
+    server: OAuthServer,
+    request: OAuth2Request,
+    token: Mapping[str, Any],
+    auth_time_ms: int | None,
+    nonce: str | None,
+) -> str:
+    """An RS256 ID token for the user of `request` (its `Grantee`) and the token response `token`."""
+    grantee: Grantee = request.user
+    now = int(clock.now())
+    claims: dict[str, Any] = {
+        "iss": server.config.issuer,
+        "sub": grantee.sub,
+        "aud": request.client.client_id,
+        "iat": now,
+        "exp": now + server.config.access_token_lifetime,
+    }
+    if auth_time_ms is not None:
+        claims["auth_time"] = int(auth_time_ms) // 1000
+    if nonce:
+        claims["nonce"] = nonce
+    digest_ = hashlib.sha256(str(token["access_token"]).encode()).digest()
+    claims["at_hash"] = base64.urlsafe_b64encode(digest_[:16]).rstrip(b"=").decode()
+    if grantee.fhir_user and "fhirUser" in scope_list(token.get("scope")):
+        claims["fhirUser"] = f"{server.config.fhir_base}/{grantee.fhir_user}"
+    key: SigningKey = Bridge.call(model(server).id_token_key)
+    return key.sign(claims, typ="JWT")
 
 
 def install(server: OAuthServer) -> None:
@@ -1035,29 +1109,8 @@ class Browser:
             client: OAuthClient = grant.request.client
             name = str(client.metadata.get("client_name") or client.client_id)
             username = form.get("username", "")
-            password = form.get("password", "")
-            address = request.client.host if request.client else "-"
-            keys = ["login:" + username, f"login:{username}|{address}"]
-            wait = max(self.limiter.retry_after(k) for k in keys)
-            if wait:
-                raise PageError(
-                    429,
-                    "Too many attempts",
-                    f"too many failed sign-ins for this user: try again in {wait} seconds",
-                    {"Retry-After": str(wait)},
-                )
-            from fhirgate.authserver.users import Users
-
-            assert self.app.store is not None
-            user = (
-                await Users(self.app.store).verify_password(username, password)
-                if username and password
-                else None
-            )
-            if user is None:
-                for k in keys:
-                    self.limiter.failed(k)
-                log.info("sign-in failed for username %r from %s", username[:128], address)
+            signed_in = await self.sign_in(request, username, form.get("password", ""))
+            if signed_in is None:
                 return await self.render(
                     pending,
                     "Sign in",
@@ -1065,21 +1118,48 @@ class Browser:
                         self.path + "/authorize/login", h, name, username, "wrong username or password"
                     ),
                 )
-            value = secrets.token_urlsafe(32)
-            now = _now_ms()
-            lifetime = self.app.config.login_lifetime
-            previous = request.cookies.get(COOKIE_SESSION)
-            async with self.app.store.write() as s:
-                if previous:  # a new sign-in replaces the browser's session (no fixation)
-                    await s.end_login(digest(previous), now)
-                await s.insert_login(digest(value), user.username, now, now + lifetime * 1000)
-            pending.cookies.append((COOKIE_SESSION, value, lifetime))
+            session, value = signed_in
+            pending.cookies.append((COOKIE_SESSION, value, self.app.config.login_lifetime))
             pending.state["li"] = 1
             pending.state.pop("pt", None)
-            session = Session(user.username, user.fhir_user, digest(value), now)
             return await self.proceed(pending, session)
         except PageError as exc:
             return pages.error_page(exc.status, exc.title, exc.message, exc.headers)
+
+    async def sign_in(self, request: Request, username: str, password: str) -> tuple[Session, str] | None:
+        """Check the password (rate-limited) and start a login session: (the session, the cookie
+        value), or None when the username or password is wrong. A new sign-in ends the
+        browser's previous session (no fixation)."""
+        address = request.client.host if request.client else "-"
+        keys = ["login:" + username, f"login:{username}|{address}"]
+        wait = max(self.limiter.retry_after(k) for k in keys)
+        if wait:
+            raise PageError(
+                429,
+                "Too many attempts",
+                f"too many failed sign-ins for this user: try again in {wait} seconds",
+                {"Retry-After": str(wait)},
+            )
+        from fhirgate.authserver.users import Users
+
+        assert self.app.store is not None
+        user = (
+            await Users(self.app.store).verify_password(username, password) if username and password else None
+        )
+        if user is None:
+            for k in keys:
+                self.limiter.failed(k)
+            log.info("sign-in failed for username %r from %s", username[:128], address)
+            return None
+        value = secrets.token_urlsafe(32)
+        now = _now_ms()
+        lifetime = self.app.config.login_lifetime
+        previous = request.cookies.get(COOKIE_SESSION)
+        async with self.app.store.write() as s:
+            if previous:
+                await s.end_login(digest(previous), now)
+            await s.insert_login(digest(value), user.username, now, now + lifetime * 1000)
+        return Session(user.username, user.fhir_user, digest(value), now), value
 
     async def pick(self, request: Request) -> Response:
         try:
@@ -1151,6 +1231,160 @@ class Browser:
             session.auth_time,
             " ".join(granted),
             context,
+        )
+
+    # --- sign-out and the management page (no authorization request behind them) ---
+
+    def browser_cookie(self, request: Request) -> tuple[str, bool]:
+        """(the browser cookie's value, whether it is new and must be set)."""
+        value = request.cookies.get(COOKIE_BROWSER)
+        return (value, False) if value else (secrets.token_urlsafe(24), True)
+
+    async def plain_form(self, request: Request) -> dict[str, str]:
+        """A POSTed form of a page with no authorization request: the browser cookie and the
+        CSRF token checked."""
+        form, _ = await page_form(request, frozenset())
+        browser = request.cookies.get(COOKIE_BROWSER)
+        if not browser:
+            raise PageError(
+                403, "Form refused", "this browser sent no session cookie: enable cookies and start again"
+            )
+        if not hmac.compare_digest(form.get("csrf", "").encode(), (await self.csrf(browser)).encode()):
+            raise PageError(403, "Form refused", "the form's CSRF token is missing or wrong: start again")
+        return form
+
+    async def plain_page(
+        self, request: Request, title: str, body: Callable[[dict[str, str]], str], status: int = 200
+    ) -> Response:
+        browser, new = self.browser_cookie(request)
+        response = pages.page(title, body({"csrf": await self.csrf(browser)}), status)
+        if new:
+            self.set_cookie(response, COOKIE_BROWSER, browser, None)
+        return response
+
+    def see_other(self, path: str) -> Response:
+        return RedirectResponse(self.path + path, 303, {"Cache-Control": "no-store"})
+
+    def clear_session(self, response: Response) -> None:
+        response.delete_cookie(
+            COOKIE_SESSION, path=self.cookie_path, secure=self.secure, httponly=True, samesite="lax"
+        )
+
+    async def logout(self, request: Request) -> Response:
+        """GET: the sign-out form; POST (CSRF-checked): end the login session, so the
+        online_access refresh tokens issued in it stop working, and clear the cookie."""
+        try:
+            if request.method == "GET":
+                session = await self.session(request)
+                return await self.plain_page(
+                    request,
+                    "Sign out",
+                    lambda h: pages.logout_page(
+                        self.path + "/logout", h, None if session is None else session.username
+                    ),
+                )
+            await self.plain_form(request)
+            value = request.cookies.get(COOKIE_SESSION)
+            if value:
+                assert self.app.store is not None
+                async with self.app.store.write() as s:
+                    await s.end_login(digest(value), _now_ms())
+            response = pages.page("Signed out", "<p>You are signed out.</p>")
+            self.clear_session(response)
+            return response
+        except PageError as exc:
+            return pages.error_page(exc.status, exc.title, exc.message, exc.headers)
+
+    async def manage(self, request: Request) -> Response:
+        """GET: the applications the signed-in user authorized (the login form first); POST
+        (CSRF-checked, `family`, `action=revoke`): revoke one of the user's own authorizations."""
+        try:
+            if request.method == "GET":
+                session = await self.session(request)
+                if session is None:
+                    return await self.manage_login_page(request)
+                return await self.manage_list(request, session)
+            form = await self.plain_form(request)
+            session = await self.session(request)
+            if session is None:
+                raise PageError(403, "Not signed in", "sign in again to manage your applications")
+            if form.get("action", "revoke") != "revoke":
+                raise PageError(400, "Request refused", "action must be revoke")
+            family = form.get("family", "")
+            assert self.app.store is not None
+            async with self.app.store.write() as s:
+                grant = await s.grant(family) if family else None
+                if grant is None or grant.username != session.username or grant.revoked_at is not None:
+                    grant = None
+                else:
+                    await s.revoke_family(grant.family, _now_ms())
+            if grant is None:
+                raise PageError(404, "Not found", "you have no such authorization")
+            log.info("user %r revoked authorization of client %r", session.username, grant.client_id)
+            return self.see_other("/manage")
+        except PageError as exc:
+            return pages.error_page(exc.status, exc.title, exc.message, exc.headers)
+
+    async def manage_login_page(
+        self, request: Request, username: str = "", error: str | None = None, status: int = 200
+    ) -> Response:
+        return await self.plain_page(
+            request,
+            "Sign in",
+            lambda h: pages.login_page(self.path + "/manage/login", h, None, username, error),
+            status,
+        )
+
+    async def manage_login(self, request: Request) -> Response:
+        try:
+            form = await self.plain_form(request)
+            username = form.get("username", "")
+            signed_in = await self.sign_in(request, username, form.get("password", ""))
+            if signed_in is None:
+                return await self.manage_login_page(request, username, "wrong username or password")
+            _, value = signed_in
+            response = self.see_other("/manage")
+            self.set_cookie(response, COOKIE_SESSION, value, self.app.config.login_lifetime)
+            return response
+        except PageError as exc:
+            return pages.error_page(exc.status, exc.title, exc.message, exc.headers)
+
+    async def manage_list(self, request: Request, session: Session) -> Response:
+        assert self.app.store is not None
+        views: list[pages.GrantView] = []
+        async with self.app.store.read() as s:
+            grants = await s.active_grants(session.username, _now_ms(), MANAGE_LIMIT)
+            names: dict[str, str] = {}
+            for g in grants:
+                if g.client_id not in names:
+                    client = await s.client(g.client_id)
+                    meta = json.loads(client.metadata) if client is not None else {}
+                    names[g.client_id] = str(meta.get("client_name") or g.client_id)
+                scopes = scope_list(g.scope)
+                access = (
+                    "offline access (until you revoke it)"
+                    if "offline_access" in scopes
+                    else "online access (while you stay signed in)"
+                    if "online_access" in scopes
+                    else "no refresh (until its access token expires)"
+                )
+                when = datetime.fromtimestamp(g.created_at / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
+                patient = json.loads(g.context).get("patient")
+                views.append(
+                    pages.GrantView(
+                        g.family,
+                        names[g.client_id],
+                        g.client_id,
+                        scopes,
+                        None if patient is None else str(patient),
+                        when,
+                        access,
+                    )
+                )
+        return await self.plain_page(
+            request,
+            "Your applications",
+            lambda h: pages.manage_page(self.path + "/manage", h, session.username, views),
         )
 
     # --- userinfo and the style ---
@@ -1253,6 +1487,9 @@ def routes(app: AuthApp) -> list[Route]:
         Route("/authorize/login", guarded(browser.login), methods=["POST"]),
         Route("/authorize/patient", guarded(browser.pick), methods=["POST"]),
         Route("/authorize/consent", guarded(browser.consent), methods=["POST"]),
+        Route("/logout", guarded(browser.logout), methods=["GET", "POST"]),
+        Route("/manage", guarded(browser.manage), methods=["GET", "POST"]),
+        Route("/manage/login", guarded(browser.manage_login), methods=["POST"]),
         Route("/userinfo", guarded(browser.userinfo), methods=["GET", "POST"]),
         Route("/smart-style.json", browser.style, methods=["GET"]),
     ]

@@ -122,4 +122,6 @@ def smart_configuration(config: ServerConfig, signing_alg: str) -> dict[str, Any
     """SMART App Launch 2.2 §"Metadata": every required and recommended field."""
     doc = oauth_metadata(config, signing_alg)
     doc["capabilities"] = list(CAPABILITIES)
+    # flows.py: where a user sees and revokes the applications it authorized
+    doc["management_endpoint"] = config.issuer + "/manage"
     return doc

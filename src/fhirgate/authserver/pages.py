@@ -1,4 +1,5 @@
-"""The HTML pages of the browser flows: login, patient picker, consent, and the error page.
+"""The HTML pages of the browser flows: login, patient picker, consent, sign-out, the management
+page (the applications a user authorized) and the error page.
 
 Plain forms that work without JavaScript. Everything echoed is HTML-escaped (`html.escape` with
 quotes). Every page is sent with `X-Frame-Options: DENY`, `Cache-Control: no-store` and a strict
@@ -13,14 +14,18 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from html import escape
 
 from starlette.responses import HTMLResponse
 
 __all__ = [
+    "GrantView",
     "consent_page",
     "error_page",
     "login_page",
+    "logout_page",
+    "manage_page",
     "page",
     "page_headers",
     "picker_page",
@@ -92,11 +97,21 @@ def _client(client_name: str) -> str:
 
 
 def login_page(
-    action: str, hidden: Mapping[str, str], client_name: str, username: str = "", error: str | None = None
+    action: str,
+    hidden: Mapping[str, str],
+    client_name: str | None,
+    username: str = "",
+    error: str | None = None,
 ) -> str:
+    """The login form; `client_name` None: signing in to the management page, not for a client."""
     error_html = f'<p class="error">{escape(error)}</p>' if error else ""
+    intro = (
+        _client(client_name)
+        if client_name is not None
+        else "<p>Sign in to see which applications can access your health records.</p>"
+    )
     return (
-        f"{_client(client_name)}{error_html}"
+        f"{intro}{error_html}"
         f'<form method="post" action="{escape(action)}">{_hidden(hidden)}'
         '<label>Username <input type="text" name="username" autocomplete="username" required '
         f'value="{escape(username)}"></label>'
@@ -169,3 +184,53 @@ def consent_page(
         '<button type="submit" name="decision" value="allow">Allow</button>'
         '<button type="submit" name="decision" value="deny">Deny</button></form>'
     )
+
+
+def logout_page(action: str, hidden: Mapping[str, str], username: str | None) -> str:
+    """The sign-out form (or, with no login session, a page that says so)."""
+    if username is None:
+        return "<p>You are not signed in.</p>"
+    return (
+        f"<p>Signed in as <strong>{escape(username)}</strong>.</p>"
+        "<p>Signing out ends this login session: applications allowed online access only lose it.</p>"
+        f'<form method="post" action="{escape(action)}">{_hidden(hidden)}'
+        '<button type="submit">Sign out</button></form>'
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class GrantView:
+    """One authorization as the management page shows it."""
+
+    family: str
+    client_name: str
+    client_id: str
+    scopes: Sequence[str]
+    patient: str | None
+    created: str
+    access: str
+
+
+def manage_page(
+    action: str, hidden: Mapping[str, str], username: str, grants: Sequence[GrantView], notice: str = ""
+) -> str:
+    """The applications `username` authorized, each with a form that revokes it (hidden field
+    `family`, submit `action=revoke`)."""
+    parts = [f"<p>Signed in as <strong>{escape(username)}</strong>.</p>"]
+    if notice:
+        parts.append(f"<p>{escape(notice)}</p>")
+    if not grants:
+        parts.append("<p>No application has access to your health records.</p>")
+    for g in grants:
+        scopes = "".join(
+            f"<li>{escape(scope_description(s))} <code>{escape(s)}</code></li>" for s in g.scopes
+        )
+        patient = f"<p>Patient: <code>{escape(g.patient)}</code></p>" if g.patient else ""
+        fields = {**hidden, "family": g.family}
+        parts.append(
+            f"<section><h2>{escape(g.client_name)} <code>{escape(g.client_id)}</code></h2>"
+            f"<p>Allowed {escape(g.created)}; {escape(g.access)}.</p>{patient}<ul>{scopes}</ul>"
+            f'<form method="post" action="{escape(action)}">{_hidden(fields)}'
+            '<button type="submit" name="action" value="revoke">Revoke access</button></form></section>'
+        )
+    return "".join(parts)

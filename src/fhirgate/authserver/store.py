@@ -106,6 +106,8 @@ MIGRATIONS: Sequence[Sequence[str]] = (
             expires_at BIGINT,
             used_at BIGINT)""",
         "CREATE INDEX auth_refresh_family ON auth_refresh (family)",
+        "CREATE INDEX auth_grant_username ON auth_grant (username, revoked_at)",
+        "CREATE INDEX auth_grant_client ON auth_grant (client_id, revoked_at)",
         # access tokens issued in a family, and every revoked access token (the revocation feed)
         """CREATE TABLE auth_token (
             jti TEXT NOT NULL PRIMARY KEY,
@@ -629,6 +631,19 @@ class AuthSession:
             )
             == 1
         )
+
+    async def active_grants(self, username: str, now_ms: int, limit: int) -> list[StoredGrant]:
+        """The authorizations of `username` that still give access (not revoked, and with a
+        refresh token that still works or an access token not yet expired), newest first."""
+        rows = await self.conn.fetch(
+            f"SELECT {_GRANT_COLUMNS} FROM auth_grant g WHERE g.username = ? AND g.revoked_at IS NULL "
+            "AND (EXISTS (SELECT 1 FROM auth_refresh r WHERE r.family = g.family AND r.used_at IS NULL "
+            "AND (r.expires_at IS NULL OR r.expires_at > ?)) "
+            "OR EXISTS (SELECT 1 FROM auth_token t WHERE t.family = g.family AND t.expires_at > ?)) "
+            "ORDER BY g.created_at DESC, g.family LIMIT ?",
+            (username, now_ms, now_ms, limit),
+        )
+        return [_grant(r) for r in rows]
 
     async def patient_users(self, limit: int) -> list[str]:
         """The `Patient/ID` fhir_user values of the users, sorted, at most `limit`."""
