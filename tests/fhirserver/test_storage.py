@@ -226,3 +226,94 @@ def test_sqlite_wal_is_cut_back_after_a_long_reader(tmp_path: Path, monkeypatch:
     assert peak > 8 * 1024 * 1024
     # cut back to the limit at the next check (every 64 commits); then the commits since
     assert after < peak // 4
+
+
+def test_sqlite_writer_waits_for_another_process_without_blocking_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holding SQLite's write lock is waited for with asynchronous sleeps: the event
+    loop keeps running meanwhile, the transaction goes through once the lock is free, and after
+    BUSY_TIMEOUT_MS in all it fails with `database is locked`."""
+    import sqlite3
+    import time
+
+    from fhirgate.storage import backend
+
+    db = tmp_path / "busy.db"
+
+    async def run() -> None:
+        store = await backend.open_backend(f"sqlite:///{db}")
+        async with store.transaction() as conn:
+            await conn.execute("CREATE TABLE t (k TEXT PRIMARY KEY)")
+        other = sqlite3.connect(db, isolation_level=None)  # another worker process
+        other.execute("BEGIN IMMEDIATE")
+        ticks = 0
+        longest = 0.0
+
+        async def ticker() -> None:
+            nonlocal ticks, longest
+            while True:
+                start = time.perf_counter()
+                await asyncio.sleep(0.001)
+                longest = max(longest, time.perf_counter() - start)
+                ticks += 1
+
+        async def release() -> None:
+            await asyncio.sleep(0.3)
+            other.execute("COMMIT")
+
+        tick = asyncio.create_task(ticker())
+        releaser = asyncio.create_task(release())
+        started = time.perf_counter()
+        async with store.transaction() as conn:
+            waited = time.perf_counter() - started
+            assert await conn.execute("INSERT INTO t (k) VALUES ('a')") == 1
+        await releaser
+        assert waited >= 0.25
+        assert waited < 2
+        # the loop ran while the writer waited
+        assert ticks > 20
+        assert longest < 0.2
+
+        monkeypatch.setattr(backend, "BUSY_TIMEOUT_MS", 200)
+        other.execute("BEGIN IMMEDIATE")
+        started = time.perf_counter()
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            async with store.transaction():
+                pass
+        assert 0.15 < time.perf_counter() - started < 2
+        other.execute("ROLLBACK")
+        async with store.statement(write=True) as conn:  # the lock is free again
+            assert await conn.execute("INSERT INTO t (k) VALUES ('b') ON CONFLICT (k) DO NOTHING") == 1
+        tick.cancel()
+        other.close()
+        await store.close()
+
+    asyncio.run(run())
+
+
+def test_one_statement_connections_are_atomic_and_leave_no_transaction(db_url: str) -> None:
+    """`statement()`: one statement, its own transaction (on PostgreSQL no BEGIN/COMMIT round trips),
+    and a connection given back inside a transaction is rolled back (the pool runs no reset query)."""
+
+    async def run() -> None:
+        store = await open_backend(db_url)
+        async with store.transaction() as conn:
+            await conn.execute("CREATE TABLE stmt_t (k TEXT PRIMARY KEY)")
+        sql = "INSERT INTO stmt_t (k) VALUES (?) ON CONFLICT (k) DO NOTHING"
+        async with store.statement(write=True) as conn:
+            assert await conn.execute(sql, ("x",)) == 1
+        async with store.statement(write=True) as conn:
+            assert await conn.execute(sql, ("x",)) == 0
+        async with store.statement() as conn:
+            assert await conn.fetch("SELECT k FROM stmt_t") == [("x",)]
+        if store.dialect == "postgresql":
+            async with store.statement() as conn:
+                await conn.execute("BEGIN")
+                await conn.execute(sql, ("left-open",))
+            for _ in range(12):  # every pooled connection: none is left inside that transaction
+                async with store.statement() as conn:
+                    assert await conn.fetchrow("SELECT k FROM stmt_t WHERE k = 'left-open'") is None
+        await store.close()
+
+    asyncio.run(run())

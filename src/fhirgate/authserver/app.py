@@ -237,15 +237,21 @@ class AuthApp:
                 f"in the last {limiter.window:g} seconds: retry after {wait} seconds",
                 {"Retry-After": str(wait)},
             )
-        response = await self.run_oauth(request, form, call)
+        response = await self.run_oauth(request, form, call, client_id)
         if response.status_code in (400, 401) and error_code(response) == "invalid_client":
             limiter.failed(key)
         return response
 
     async def run_oauth(
-        self, request: Request, form: dict[str, str], call: Callable[[OAuthServer, TokenRequest], Any]
+        self,
+        request: Request,
+        form: dict[str, str],
+        call: Callable[[OAuthServer, TokenRequest], Any],
+        client_id: str = "",
     ) -> Response:
-        """Run one Authlib call in a worker thread and render its (status, body, headers)."""
+        """Run one Authlib call in a worker thread and render its (status, body, headers). The
+        client the request claims (`client_id`, unverified) is read first, here on the loop, and
+        handed to the thread with the request (`OAuthServer.preload`): one callback fewer."""
         assert self.oauth is not None
         assert self.keys is not None
         await self.keys.refresh()
@@ -255,6 +261,7 @@ class AuthApp:
             headers["Authorization"] = auth
         req = TokenRequest(request.method, self.config.issuer + request.url.path, headers, form)
         try:
+            await self.oauth.preload(req, client_id)
             status, body, out_headers = await anyio.to_thread.run_sync(call, self.oauth, req)
         except Exception:
             log.exception("authorization server: unexpected error at %s", request.url.path)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
 import json
 import re
@@ -53,7 +54,7 @@ from fhirgate import clock
 from fhirgate.authserver.clients import CLIENT_ASSERTION_ALGS, secret_matches
 from fhirgate.authserver.keys import SigningKey
 from fhirgate.authserver.replay import ReplayRegistry, StoreReplay
-from fhirgate.authserver.store import AuthStore, StoredClient
+from fhirgate.authserver.store import AuthSession, AuthStore, StoredClient
 
 __all__ = [
     "ASSERTION_MAX_LIFETIME",
@@ -271,7 +272,9 @@ class PrivateKeyJwt(JWTBearerClientAssertion):  # type: ignore[misc]
                 description=f"client assertion alg {_q(alg)} is not accepted: use one of "
                 + ", ".join(sorted(CLIENT_ASSERTION_ALGS))
             )
-        keyset: KeySet = Bridge.call(self.server.client_keys.keys, client)
+        keyset = getattr(request, "preloaded_keys", {}).get(client.client_id)
+        if keyset is None:
+            keyset = Bridge.call(self.server.client_keys.keys, client)
         kid = headers.get("kid")
         candidates = [k for k in keyset.keys if kid is None or k.kid == kid]
         if not candidates and kid is not None and self.server.client_keys.is_fetched(client):
@@ -405,13 +408,17 @@ def claimed_client_id(authorization: str | None, form: Mapping[str, str]) -> str
 
 @dataclass
 class TokenRequest:
-    """What the adapter hands the core: method, public URL, headers and single-valued form."""
+    """What the adapter hands the core: method, public URL, headers and single-valued form, and
+    what the adapter already read on the event loop (`OAuthServer.preload`): the claimed client
+    (None: no such client) and its registered JWK Set, so the worker thread need not call back."""
 
     method: str
     uri: str
     headers: dict[str, str]
     form: dict[str, str]
     query: dict[str, str] = field(default_factory=dict)
+    clients: dict[str, OAuthClient | None] = field(default_factory=dict)
+    keys: dict[str, KeySet] = field(default_factory=dict)
 
 
 class _Payload:
@@ -446,6 +453,8 @@ class _Request(OAuth2Request):  # type: ignore[misc]
         self._form = req.form
         self._args = req.query
         self.payload = _Payload(req.form if req.method == "POST" else req.query)
+        self.preloaded_clients = req.clients
+        self.preloaded_keys = req.keys
         self.client = None
         self.auth_method = None
         self.user = None
@@ -563,12 +572,34 @@ class OAuthServer(AuthorizationServer):  # type: ignore[misc]
     # --- models --------------------------------------------------------------------------------
 
     async def load_client(self, client_id: str) -> OAuthClient | None:
-        async with self.store.read() as s:
-            stored = await s.client(client_id)
+        # one statement, no snapshot to share: one round trip on PostgreSQL, not BEGIN/SELECT/COMMIT
+        async with self.store.backend.statement() as conn:
+            stored = await AuthSession(conn).client(client_id)
         return None if stored is None else OAuthClient(stored)
 
     def query_client(self, client_id: str) -> OAuthClient | None:
         return Bridge.call(self.load_client, client_id)
+
+    async def preload(self, req: TokenRequest, client_id: str) -> None:
+        """On the event loop, before the worker thread: read the client a request claims (and the
+        JWK Set it registered, for private_key_jwt), so `authenticate_client` finds them in the
+        request instead of calling back into the loop. Only a lookup: every check still runs in
+        the thread, on what was read here."""
+        if not client_id:
+            return
+        client = await self.load_client(client_id)
+        req.clients[client_id] = client
+        if client is None or client.auth_method != "private_key_jwt" or self.client_keys.is_fetched(client):
+            return  # a jwks_uri is fetched (and its errors reported) in the thread, as before
+        with contextlib.suppress(Exception):  # else the thread reads them and reports the error
+            req.keys[client_id] = await self.client_keys.keys(client)
+
+    def request_client(self, request: OAuth2Request, client_id: str) -> OAuthClient | None:
+        """The client `preload` read for this request, or a lookup through the bridge."""
+        preloaded: dict[str, OAuthClient | None] = getattr(request, "preloaded_clients", {})
+        if client_id in preloaded:
+            return preloaded[client_id]
+        return self.query_client(client_id)
 
     async def remember_jti(self, client_id: str, jti: str, exp: float) -> bool:
         return await self.replay.remember(client_id, jti, int(exp * 1000) + ASSERTION_LEEWAY * 1000)
@@ -615,7 +646,7 @@ class OAuthServer(AuthorizationServer):  # type: ignore[misc]
                 description=f"client authentication {method} is not accepted here; use one of {allowed}",
             )
         if method == "private_key_jwt":
-            client = self._private_key_jwt(self.query_client, request)
+            client = self._private_key_jwt(lambda cid: self.request_client(request, cid), request)
         else:
             if method == "client_secret_basic":
                 client_id, secret = basic_credentials(request.headers["Authorization"])
@@ -630,7 +661,7 @@ class OAuthServer(AuthorizationServer):  # type: ignore[misc]
                 secret = request.form.get("client_secret", "")
                 if not client_id:
                     raise InvalidClientError(description="client_id is missing")
-            client = self.query_client(client_id)
+            client = self.request_client(request, client_id)
             if client is None:
                 secret_matches(None, secret)  # the same work as for a known client
                 raise InvalidClientError(status_code=status, description=f"unknown client {_q(client_id)}")

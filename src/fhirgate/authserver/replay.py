@@ -6,7 +6,8 @@ one small protocol, both atomic check-and-set, so two nodes receiving the same a
 same moment accept it once:
 
 - `StoreReplay`: the `auth_jti` table of the authorization server's store (SQLite or PostgreSQL),
-  `INSERT ... ON CONFLICT DO NOTHING`; expired rows are deleted by the server's housekeeping.
+  `INSERT ... ON CONFLICT DO NOTHING` as a statement of its own (`Backend.statement`); expired rows
+  are deleted by the server's housekeeping.
 - `RedisReplay`: `SET key 1 NX PXAT expires_at` in Redis, when `redis_url` is configured: the
   entry is short-lived and Redis expires it by itself.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Protocol
 
-from fhirgate.authserver.store import AuthStore
+from fhirgate.authserver.store import AuthSession, AuthStore
 
 __all__ = ["RedisReplay", "ReplayRegistry", "StoreReplay", "open_replay"]
 
@@ -36,8 +37,10 @@ class StoreReplay:
         self.store = store
 
     async def remember(self, client_id: str, jti: str, expires_at_ms: int) -> bool:
-        async with self.store.write() as s:
-            return await s.remember_jti(client_id, jti, expires_at_ms)
+        # one statement, atomic by itself (its own transaction): on PostgreSQL one round trip
+        # instead of BEGIN/INSERT/COMMIT; on SQLite a BEGIN IMMEDIATE transaction as before
+        async with self.store.backend.statement(write=True) as conn:
+            return await AuthSession(conn).remember_jti(client_id, jti, expires_at_ms)
 
     async def close(self) -> None:
         return None

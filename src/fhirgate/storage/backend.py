@@ -6,13 +6,26 @@ a short, local call, and a thread hop per call (aiosqlite's design) costs more t
 itself (issue 4, "speed traps"). Because an inline SQLite call never yields, a write transaction
 on one connection is never interleaved with another coroutine's statements; a lock makes that
 explicit. Concurrency comes from processes; SQLite's WAL lets readers run beside the one writer.
+A write transaction that finds another process holding SQLite's write lock does not wait for it on
+the event loop: `BEGIN IMMEDIATE` fails fast (a short `busy_timeout`) and is retried after an
+asynchronous sleep, so the loop keeps serving while it waits.
+
+`statement()` is a connection for one statement that is its own transaction (a lookup by key, an
+`INSERT ... ON CONFLICT DO NOTHING`): on PostgreSQL it saves the `BEGIN` and `COMMIT` round trips
+of `reader()`/`transaction()`. PostgreSQL connections go back to the pool without asyncpg's reset
+query (`RESET ALL`, `CLOSE ALL`, `UNLISTEN *`, `pg_advisory_unlock_all()`: one more round trip per
+use), so storage code must leave no session state behind: `SET LOCAL`, never `SET`; transaction
+advisory locks (`pg_advisory_xact_lock`), never session ones; no `LISTEN`, no `WITH HOLD` cursors.
+An open transaction is still rolled back when a connection is released.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -58,6 +71,11 @@ class Backend(Protocol):
         """`async with backend.reader() as conn`: a connection for reads (no transaction)."""
         ...
 
+    def statement(self, write: bool = False) -> Any:
+        """`async with backend.statement(write) as conn`: a connection for ONE statement, which is
+        atomic by itself (no snapshot or transaction spans statements)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -65,8 +83,21 @@ class Backend(Protocol):
 
 #: bytes of write-ahead log kept between checkpoints
 WAL_LIMIT = 64 * 1024 * 1024
-#: how long a writer waits for another process's write lock
+#: how long a writer waits in all for another process's write lock before it fails
 BUSY_TIMEOUT_MS = 10_000
+#: how long one SQLite call may block the event loop waiting for a lock (`PRAGMA busy_timeout`);
+#: `BEGIN IMMEDIATE` is retried after asynchronous sleeps until BUSY_TIMEOUT_MS has passed
+LOOP_BUSY_TIMEOUT_MS = 2
+#: first and longest sleep between two `BEGIN IMMEDIATE` attempts (seconds; doubled, jittered)
+BUSY_RETRY_FIRST = 0.0005
+BUSY_RETRY_MAX = 0.02
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 class SqliteConnection:
@@ -108,7 +139,7 @@ class SqliteBackend:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        self._db.execute(f"PRAGMA busy_timeout={LOOP_BUSY_TIMEOUT_MS}")
         self._db.execute("PRAGMA foreign_keys=OFF")
         self._db.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache
         self._db.execute("PRAGMA temp_store=MEMORY")
@@ -120,12 +151,34 @@ class SqliteBackend:
         self._conn = SqliteConnection(self._db)
         self._lock = asyncio.Lock()
 
+    async def _begin_immediate(self) -> None:
+        """`BEGIN IMMEDIATE`, waiting for another process's write lock with asynchronous sleeps
+        (an attempt blocks the loop at most LOOP_BUSY_TIMEOUT_MS, a lock held that briefly costs
+        no timer); SQLITE_BUSY after BUSY_TIMEOUT_MS in all, as a long busy_timeout would."""
+        deadline = 0.0
+        delay = BUSY_RETRY_FIRST
+        while True:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + BUSY_TIMEOUT_MS / 1000
+                elif now >= deadline:
+                    raise
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, BUSY_RETRY_MAX)
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteConnection]:
         async with self._lock:
             # IMMEDIATE takes the write lock now, so two processes never both read a version
-            # and then both write it (no lost update); busy_timeout waits for the other writer.
-            self._db.execute("BEGIN IMMEDIATE")
+            # and then both write it (no lost update); another process's writer is waited for
+            # with asynchronous sleeps (`_begin_immediate`), not on the event loop.
+            await self._begin_immediate()
             try:
                 yield self._conn
             except BaseException:
@@ -152,7 +205,7 @@ class SqliteBackend:
             try:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             finally:
-                self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                self._db.execute(f"PRAGMA busy_timeout={LOOP_BUSY_TIMEOUT_MS}")
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[SqliteConnection]:
@@ -163,6 +216,11 @@ class SqliteBackend:
                 yield self._conn
             finally:
                 self._db.execute("COMMIT")
+
+    def statement(self, write: bool = False) -> Any:
+        """A write is a `transaction()` (its `BEGIN IMMEDIATE` waits for another process's
+        writer asynchronously), a read a `reader()`: both are inline calls, without round trips."""
+        return self.transaction() if write else self.reader()
 
     async def close(self) -> None:
         self._db.close()
@@ -232,7 +290,13 @@ class PostgresBackend:
         dsn = parts._replace(query="&".join(f"{k}={v}" for k, v in query.items())).geturl()
         dsn = dsn.replace("postgresql+asyncpg://", "postgresql://", 1)
         pool = await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, server_settings=server_settings
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            server_settings=server_settings,
+            # no reset query on release (see the module docstring); asyncpg still rolls back an
+            # open transaction first
+            reset=_no_reset,
         )
         return cls(url, pool)
 
@@ -246,8 +310,19 @@ class PostgresBackend:
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             yield PostgresConnection(conn, self._sql_cache)
 
+    @asynccontextmanager
+    async def statement(self, write: bool = False) -> AsyncIterator[PostgresConnection]:
+        """No BEGIN/COMMIT: the statement runs in its own implicit transaction (one round trip)."""
+        async with self._pool.acquire() as conn:
+            yield PostgresConnection(conn, self._sql_cache)
+
     async def close(self) -> None:
         await self._pool.close()
+
+
+async def _no_reset(_conn: Any) -> None:
+    """The pool's `reset`: nothing to undo (storage code keeps no session state)."""
+    return None
 
 
 async def open_backend(url: str) -> SqliteBackend | PostgresBackend:
