@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import socket
 import threading
 import time
@@ -20,6 +21,8 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from joserfc import jwt
+from joserfc.jwk import ECKey
 
 from fhirgate.authserver.app import AuthApp
 from fhirgate.authserver.clients import Clients
@@ -28,7 +31,17 @@ from fhirgate.authserver.store import AuthStore
 from fhirgate.authserver.users import Users
 from tests.fhirserver.harness import BACKENDS, database
 
-__all__ = ["BACKENDS", "FHIR_BASE", "RunningAuth", "database", "running_auth"]
+__all__ = [
+    "ASSERTION_TYPE",
+    "BACKENDS",
+    "FHIR_BASE",
+    "RunningAuth",
+    "assertion",
+    "backend_client",
+    "database",
+    "running_auth",
+    "with_store",
+]
 
 FHIR_BASE = "http://localhost:8000/fhir"
 
@@ -50,14 +63,7 @@ class RunningAuth:
         return self.issuer + "/token"
 
     def _store(self, action: Any) -> Any:
-        async def go() -> Any:
-            store = await AuthStore.open(self.database_url)
-            try:
-                return await action(store)
-            finally:
-                await store.close()
-
-        return asyncio.run(go())
+        return with_store(self.database_url, action)
 
     def register(self, metadata: Mapping[str, Any]) -> tuple[str, str | None]:
         """Register a client; (client_id, secret or None)."""
@@ -84,6 +90,50 @@ class RunningAuth:
 
         rows: list[tuple[Any, ...]] = self._store(go)
         return rows
+
+
+def with_store(database_url: str, action: Any) -> Any:
+    """`await action(store)` on a second connection to the server's store, as the CLI would."""
+
+    async def go() -> Any:
+        store = await AuthStore.open(database_url)
+        try:
+            return await action(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
+def backend_client(auth: RunningAuth, **metadata: Any) -> tuple[str, ECKey]:
+    """A `private_key_jwt` client with one ES384 key (`kid` k1): (client_id, private key)."""
+    key = ECKey.generate_key("P-384", private=True)
+    public = {**key.as_dict(private=False), "kid": "k1", "alg": "ES384"}
+    client_id, _ = auth.register(
+        {
+            "grant_types": ["client_credentials"],
+            "token_endpoint_auth_method": "private_key_jwt",
+            "jwks": {"keys": [public]},
+            **metadata,
+        }
+    )
+    return client_id, key
+
+
+def assertion(auth: RunningAuth, key: ECKey, client_id: str, lifetime: int = 240, **claims: Any) -> str:
+    """An ES384 client assertion for `auth`'s token endpoint with a fresh `jti`."""
+    body = {
+        "iss": client_id,
+        "sub": client_id,
+        "aud": auth.token_url,
+        "exp": int(time.time()) + lifetime,
+        "jti": secrets.token_hex(8),
+    }
+    body.update(claims)
+    return jwt.encode({"alg": "ES384", "kid": "k1"}, body, key, algorithms=["ES384"])
 
 
 @contextlib.contextmanager

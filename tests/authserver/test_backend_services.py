@@ -2,49 +2,22 @@
 
 from __future__ import annotations
 
-import secrets
-import time
 from typing import Any
 
 from joserfc import jwt
-from joserfc.jwk import ECKey
 
-from tests.authserver.harness import FHIR_BASE, RunningAuth, auth
+from tests.authserver.harness import ASSERTION_TYPE, FHIR_BASE, RunningAuth, assertion, auth, backend_client
 
 __all__ = ["auth"]
 
-ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-
-
-def _assertion(auth: RunningAuth, key: ECKey, client_id: str, **claims: Any) -> str:
-    now = int(time.time())
-    body = {
-        "iss": client_id,
-        "sub": client_id,
-        "aud": auth.token_url,
-        "exp": now + 240,
-        "jti": secrets.token_hex(8),
-    }
-    body.update(claims)
-    return jwt.encode({"alg": "ES384", "kid": "k1"}, body, key, algorithms=["ES384"])
-
 
 def test_private_key_jwt_issues_an_rfc9068_token_and_refuses_a_replayed_jti(auth: RunningAuth) -> None:
-    key = ECKey.generate_key("P-384", private=True)
-    public = {**key.as_dict(private=False), "kid": "k1", "alg": "ES384"}
-    client_id, _ = auth.register(
-        {
-            "grant_types": ["client_credentials"],
-            "token_endpoint_auth_method": "private_key_jwt",
-            "jwks": {"keys": [public]},
-            "scope": "system/*.read",
-        }
-    )
+    client_id, key = backend_client(auth, scope="system/*.read")
     form = {
         "grant_type": "client_credentials",
         "scope": "system/*.read",
         "client_assertion_type": ASSERTION_TYPE,
-        "client_assertion": _assertion(auth, key, client_id),
+        "client_assertion": assertion(auth, key, client_id),
     }
     r = auth.client.post("/token", data=form)
     assert r.status_code == 200, r.text

@@ -21,7 +21,7 @@ from tests.authserver.browser import (
     public_client,
     query_of,
 )
-from tests.authserver.harness import FHIR_BASE, RunningAuth, auth
+from tests.authserver.harness import ASSERTION_TYPE, FHIR_BASE, RunningAuth, assertion, auth, backend_client
 
 __all__ = ["auth"]
 
@@ -520,34 +520,9 @@ def test_concurrent_exchanges_of_one_code_issue_at_most_one_live_token(
 
 
 def test_private_key_jwt_client_exchanges_a_code(auth: RunningAuth, users: dict[str, str]) -> None:
-    import time
-
-    from joserfc.jwk import ECKey
-
-    key = ECKey.generate_key("P-384", private=True)
-    public = {**key.as_dict(private=False), "kid": "k1", "alg": "ES384"}
-    client_id, _ = auth.register(
-        {
-            "redirect_uris": [REDIRECT],
-            "grant_types": ["authorization_code"],
-            "token_endpoint_auth_method": "private_key_jwt",
-            "jwks": {"keys": [public]},
-        }
-    )
+    client_id, key = backend_client(auth, redirect_uris=[REDIRECT], grant_types=["authorization_code"])
     flow = code_flow(auth, client_id, users["patient"], PASSWORD, "launch/patient", token=False)
-    now = int(time.time())
-    assertion = jwt.encode(
-        {"alg": "ES384", "kid": "k1"},
-        {
-            "iss": client_id,
-            "sub": client_id,
-            "aud": auth.token_url,
-            "exp": now + 120,
-            "jti": secrets.token_hex(8),
-        },
-        key,
-        algorithms=["ES384"],
-    )
+    signed = assertion(auth, key, client_id, lifetime=120)
     r = auth.client.post(
         "/token",
         data={
@@ -555,8 +530,8 @@ def test_private_key_jwt_client_exchanges_a_code(auth: RunningAuth, users: dict[
             "code": flow["code"],
             "redirect_uri": REDIRECT,
             "code_verifier": flow["verifier"],
-            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-            "client_assertion": assertion,
+            "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": signed,
         },
     )
     assert r.status_code == 200, r.text

@@ -12,15 +12,21 @@ from typing import Any
 
 import httpx
 from joserfc import jwt
-from joserfc.jwk import ECKey, OctKey, RSAKey
+from joserfc.jwk import OctKey, RSAKey
 
 from fhirgate.authserver.endpoints import refresh_token_hash
 from fhirgate.authserver.store import AuthStore
-from tests.authserver.harness import FHIR_BASE, RunningAuth, auth
+from tests.authserver.harness import (
+    ASSERTION_TYPE,
+    FHIR_BASE,
+    RunningAuth,
+    assertion,
+    auth,
+    backend_client,
+)
 
 __all__ = ["auth"]
 
-ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 SCOPE = "system/*.read"
 
 
@@ -167,32 +173,12 @@ def test_introspection_describes_the_callers_own_active_token(auth: RunningAuth)
 
 
 def test_introspection_with_launch_context_and_private_key_jwt(auth: RunningAuth) -> None:
-    key = ECKey.generate_key("P-384", private=True)
-    public = {**key.as_dict(private=False), "kid": "k1", "alg": "ES384"}
-    client_id, _ = auth.register(
-        {
-            "grant_types": ["client_credentials"],
-            "token_endpoint_auth_method": "private_key_jwt",
-            "jwks": {"keys": [public]},
-        }
-    )
+    client_id, key = backend_client(auth)
     token = _sign(auth, client_id, patient="p1", encounter="e1", fhirUser=f"{FHIR_BASE}/Patient/p1")
-    now = int(time.time())
-    assertion = jwt.encode(
-        {"alg": "ES384", "kid": "k1"},
-        {
-            "iss": client_id,
-            "sub": client_id,
-            "aud": auth.token_url,
-            "exp": now + 60,
-            "jti": secrets.token_hex(8),
-        },
-        key,
-        algorithms=["ES384"],
-    )
+    signed = assertion(auth, key, client_id, lifetime=60)
     r = auth.client.post(
         "/introspect",
-        data={"token": token, "client_assertion_type": ASSERTION_TYPE, "client_assertion": assertion},
+        data={"token": token, "client_assertion_type": ASSERTION_TYPE, "client_assertion": signed},
     )
     assert r.status_code == 200, r.text
     body = r.json()

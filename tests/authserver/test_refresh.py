@@ -13,7 +13,7 @@ from joserfc.jwk import KeySet
 
 from fhirgate import clock
 from tests.authserver.browser import REDIRECT, code_flow, public_client
-from tests.authserver.harness import RunningAuth, auth
+from tests.authserver.harness import RunningAuth, auth, with_store
 
 __all__ = ["auth"]
 
@@ -156,21 +156,11 @@ def test_online_access_ends_with_the_login_session(auth: RunningAuth) -> None:
 
 def test_deleting_the_user_or_the_client_revokes_their_authorizations(auth: RunningAuth) -> None:
     """`fhirgate users delete` / `clients delete` end what the user or client authorized."""
-    import asyncio
-
     from fhirgate.authserver.clients import Clients
-    from fhirgate.authserver.store import AuthStore
     from fhirgate.authserver.users import Users
 
     def run(action: Any) -> None:
-        async def go() -> None:
-            store = await AuthStore.open(auth.database_url)
-            try:
-                await action(store)
-            finally:
-                await store.close()
-
-        asyncio.run(go())
+        with_store(auth.database_url, action)
 
     auth.add_user("dora", PASSWORD, "Patient/d1")
     client_id = public_client(auth)

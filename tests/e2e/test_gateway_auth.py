@@ -9,7 +9,6 @@ forged one are 401 and the upstream sees nothing."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
@@ -30,6 +29,7 @@ from joserfc.jwk import ECKey, RSAKey
 from fhirgate.authserver.clients import Clients
 from fhirgate.authserver.keys import KeyRing
 from fhirgate.authserver.store import AuthStore
+from tests.authserver.harness import with_store
 from tests.e2e.procs import free_ports, stop_group
 from tests.e2e.test_auth_server_cli import fhirgate, start_auth_server
 from tests.harness import Upstream
@@ -49,14 +49,7 @@ class Stack:
     tmp: Path
 
     def store_call(self, action: Any) -> Any:
-        async def go() -> Any:
-            store = await AuthStore.open(self.database_url)
-            try:
-                return await action(store)
-            finally:
-                await store.close()
-
-        return asyncio.run(go())
+        return with_store(self.database_url, action)
 
 
 def gateway_config(auth_port: int, upstream: str, issuer: str, fhir_base: str) -> dict[str, Any]:

@@ -64,7 +64,7 @@ from fhirgate.authserver.clients import ClientMetadataError, Clients
 from fhirgate.authserver.keys import KeyRing
 from fhirgate.authserver.launch import digest
 from fhirgate.authserver.oauth import Bridge
-from fhirgate.authserver.responses import json_response, oauth_error
+from fhirgate.authserver.responses import json_response, oauth_error, single_valued
 
 if TYPE_CHECKING:
     from fhirgate.authserver.app import AuthApp
@@ -386,7 +386,7 @@ class _Endpoints:
         if request.method != "GET":
             return _method_not_allowed("GET")
         try:
-            params = _single(parse_qsl(request.url.query, keep_blank_values=True))
+            params = single_valued(parse_qsl(request.url.query, keep_blank_values=True))
             since = _int_param(params, "since", 0, 0, 2**53)
             limit = _int_param(params, "limit", FEED_DEFAULT_LIMIT, 1, FEED_MAX_LIMIT)
         except ValueError as exc:
@@ -424,15 +424,6 @@ def _no_duplicates(pairs: Sequence[tuple[str, Any]]) -> dict[str, Any]:
     for name, value in pairs:
         if name in out:
             raise _DuplicateMember(name[:40])
-        out[name] = value
-    return out
-
-
-def _single(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name, value in pairs:
-        if name in out:
-            raise ValueError(f"parameter {name[:40]} is repeated: send each parameter once")
         out[name] = value
     return out
 

@@ -8,8 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from fhirgate.errors import ConfigError
-from fhirgate.settings import load_settings, parse_hostport
+from fhirgate.cli.serve import redact, serve, service_settings
 
 #: The settings a worker process must see as the parent resolved them.
 _PASSED_ON = (
@@ -52,26 +51,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {
-        k: getattr(args, k)
-        for k in (
+    prepared = service_settings(
+        args,
+        (
             "data_dir",
             "auth_database_url",
             "auth_listen",
             "auth_issuer",
             "auth_fhir_base",
             "auth_workers",
-        )
-    }
-    try:
-        settings = load_settings(args.settings, **overrides)
-        host, port = parse_hostport(settings.auth_listen, "127.0.0.1")
-    except ConfigError as exc:
-        print(exc.describe(), file=sys.stderr)
+        ),
+        "auth_listen",
+    )
+    if prepared is None:
         return 1
-    except ValueError as exc:
-        print(f"error: auth_listen: {exc}", file=sys.stderr)
-        return 1
+    settings, host, port = prepared
     for env, name in _PASSED_ON:
         value = getattr(settings, name)
         os.environ[env] = value() if callable(value) else str(value)
@@ -80,7 +74,6 @@ def run(args: argparse.Namespace) -> int:
 
     from fhirgate.authserver.keys import KeyRing
     from fhirgate.authserver.store import AuthStore
-    from fhirgate.cli.fhir_cmd import _redact
     from fhirgate.storage.backend import DatabaseUrlError
 
     async def prepare() -> list[str]:
@@ -96,30 +89,16 @@ def run(args: argparse.Namespace) -> int:
         finally:
             await store.close()
 
-    database = _redact(settings.auth_database())
+    database = redact(settings.auth_database())
     try:
         kids = asyncio.run(prepare())
     except (DatabaseUrlError, OSError) as exc:
         print(f"error: database {database}: {exc}", file=sys.stderr)
         return 1
-    import uvicorn
-
     print(
         f"fhirgate auth-server: issuer {settings.auth_issuer} on http://{host}:{port} "
         f"(database {database}, signing key {kids[0]}, {settings.auth_workers} worker(s))",
         flush=True,
     )
-    uvicorn.run(
-        "fhirgate.authserver.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=settings.auth_workers,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-        server_header=False,
-    )
+    serve("fhirgate.authserver.app:create_app", host, port, settings.auth_workers)
     return 0

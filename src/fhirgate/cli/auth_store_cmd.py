@@ -67,9 +67,9 @@ def run(args: argparse.Namespace, action: Callable[..., Coroutine[Any, Any, None
     from fhirgate.authserver.clients import ClientError
     from fhirgate.authserver.keys import UnsupportedAlgorithmError
     from fhirgate.authserver.users import UserError
-    from fhirgate.cli.fhir_cmd import _redact
+    from fhirgate.cli.serve import redact
 
-    database = _redact(settings.auth_database())
+    database = redact(settings.auth_database())
     try:
         asyncio.run(action(settings, args))
     except (UserError, ClientError, UnsupportedAlgorithmError) as exc:

@@ -8,8 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from fhirgate.errors import ConfigError
-from fhirgate.settings import load_settings, parse_hostport
+from fhirgate.cli.serve import redact, serve, service_settings
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -43,26 +42,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {
-        k: getattr(args, k)
-        for k in (
+    prepared = service_settings(
+        args,
+        (
             "fhir_database_url",
             "fhir_listen",
             "fhir_base_url",
             "fhir_workers",
             "data_dir",
             "fhir_auth_issuer",
-        )
-    }
-    try:
-        settings = load_settings(args.settings, **overrides)
-        host, port = parse_hostport(settings.fhir_listen, "127.0.0.1")
-    except ConfigError as exc:
-        print(exc.describe(), file=sys.stderr)
+        ),
+        "fhir_listen",
+    )
+    if prepared is None:
         return 1
-    except ValueError as exc:
-        print(f"error: fhir_listen: {exc}", file=sys.stderr)
-        return 1
+    settings, host, port = prepared
     # Workers rebuild the server from the environment: pass the resolved settings on.
     os.environ["FHIRGATE_FHIR_DATABASE_URL"] = settings.fhir_database()
     os.environ["FHIRGATE_FHIR_BASE_URL"] = settings.fhir_base()
@@ -100,34 +94,10 @@ def run(args: argparse.Namespace) -> int:
     except (DatabaseUrlError, OSError) as exc:
         print(f"error: database {settings.fhir_database()}: {exc}", file=sys.stderr)
         return 1
-    import uvicorn
-
     print(
-        f"fhirgate fhir-server: {settings.fhir_base()} (database {_redact(settings.fhir_database())}, "
+        f"fhirgate fhir-server: {settings.fhir_base()} (database {redact(settings.fhir_database())}, "
         f"{settings.fhir_workers} worker(s))",
         flush=True,
     )
-    uvicorn.run(
-        "fhirgate.fhirserver.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=settings.fhir_workers,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-        server_header=False,
-    )
+    serve("fhirgate.fhirserver.app:create_app", host, port, settings.fhir_workers)
     return 0
-
-
-def _redact(url: str) -> str:
-    """Never print a database password."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
-    return url
