@@ -34,14 +34,12 @@ import contextlib
 import datetime as dt
 import hashlib
 import http.client
-import importlib.metadata
 import json
 import math
 import os
 import re
 import shlex
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -199,24 +197,9 @@ def start_server(procs: pb.Processes, server: Server, workers: int) -> None:
         f"auth-server-{server.spec.key}", server.command, server.workdir / "server.log", server.workdir, env
     )
     server.proc = proc
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise RuntimeError(
-                f"auth-server {server.spec.key} exited with status {proc.popen.returncode}:\n"
-                f"{proc.log_tail()}"
-            )
-        try:
-            status, _, _ = pb.http_get(server.port, "/.well-known/openid-configuration", timeout=2.0)
-            if status == 200:
-                say(f"auth-server {server.spec.key} ready on 127.0.0.1:{server.port}")
-                return
-            last = f"HTTP {status}"
-        except OSError as exc:
-            last = f"{type(exc).__name__}: {exc}"
-        time.sleep(0.2)
-    raise RuntimeError(f"auth-server {server.spec.key} not ready after {READY_TIMEOUT_S:.0f}s: {last}")
+    what = f"auth-server {server.spec.key}"
+    pb.wait_http_ready(proc, server.port, "/.well-known/openid-configuration", what, READY_TIMEOUT_S)
+    say(f"{what} ready on 127.0.0.1:{server.port}")
 
 
 def create_client(server: Server, case: Case, tmp: Path) -> ClientSetup:
@@ -257,25 +240,6 @@ def create_client(server: Server, case: Case, tmp: Path) -> ClientSetup:
     if "client_id" not in found:
         raise RuntimeError(f"`fhirgate clients create` printed no client_id: {out.stdout!r}")
     return ClientSetup(found["client_id"], cmd, found.get("client_secret"), key, kid)
-
-
-# ---------------------------------------------------------------------------------------- PostgreSQL
-
-
-async def _pg(url: str, statements: Sequence[str], query: str | None = None) -> list[Any]:
-    import asyncpg
-
-    conn = await asyncpg.connect(url, timeout=10)
-    try:
-        for s in statements:
-            await conn.execute(s)
-        return [tuple(r) for r in await conn.fetch(query)] if query else []
-    finally:
-        await conn.close()
-
-
-def with_schema(url: str, schema: str) -> str:
-    return f"{url}{'&' if '?' in url else '?'}schema={schema}"
 
 
 # ----------------------------------------------------------------------------------------- requests
@@ -428,22 +392,6 @@ def check_case(state: CaseState) -> None:
 # ---------------------------------------------------------------------------------------- CPU meter
 
 
-def named_cpu_seconds(comm: str) -> float:
-    """User+system CPU seconds of the live processes whose command name is `comm`."""
-    total = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        if raw[raw.find("(") + 1 : raw.rfind(")")] == comm:
-            fields = raw[raw.rfind(")") + 2 :].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / pb.CLK_TCK
-
-
 class CpuMeter:
     """CPU of the server's process group, wrk (our children), PostgreSQL (every `postgres` process:
     other users of that server count too) and the rest of the machine between start and stop."""
@@ -454,7 +402,7 @@ class CpuMeter:
         self.t0 = time.monotonic()
         self.server0 = pb.group_cpu_seconds(pgid)
         self.wrk0 = pb.children_cpu_seconds()
-        self.pg0 = named_cpu_seconds("postgres") if postgres else 0.0
+        self.pg0 = pb.named_cpu_seconds("postgres") if postgres else 0.0
         self.busy0 = pb.system_busy_seconds()
 
     def stop(self) -> dict[str, Any]:
@@ -462,7 +410,7 @@ class CpuMeter:
         wall = time.monotonic() - self.t0
         server = pb.group_cpu_seconds(self.pgid) - self.server0
         wrk = pb.children_cpu_seconds() - self.wrk0
-        pg = named_cpu_seconds("postgres") - self.pg0 if self.postgres else 0.0
+        pg = pb.named_cpu_seconds("postgres") - self.pg0 if self.postgres else 0.0
         other = busy - server - wrk - pg
         return {
             "wall_s": round(wall, 3),
@@ -542,21 +490,12 @@ def run_case(
     meter = CpuMeter(server.proc.pid, server.spec.store == "postgresql")
     raw = runner.run(cmd, duration)
     cpu = meter.stop()
-    m = re.search(r"^AUTHBENCH (\{.*\})$", raw, re.MULTILINE)
-    rps = re.search(r"^Requests/sec:\s+([\d.]+)", raw, re.MULTILINE)
-    if m is None or rps is None:
-        raise RuntimeError(f"wrk output not understood:\n{raw}")
-    s = json.loads(m.group(1))
-    non2xx_m = re.search(r"Non-2xx or 3xx responses: (\d+)", raw)
-    non2xx = int(non2xx_m.group(1)) if non2xx_m else 0
-    socket_errors = s["connect_errors"] + s["read_errors"] + s["write_errors"] + s["timeouts"]
+    res = pb.parse_lua_wrk(raw, "AUTHBENCH")
+    s, ms = res.stats, res.ms
+    non2xx, socket_errors = res.non_2xx_3xx, res.socket_errors
     exhausted = mode == "once" and s["overflow"] > 0
     none = s["requests"] == 0
-
-    def ms(key: str) -> float:
-        return float("nan") if none else s[key] / 1000.0
-
-    rate = float(rps.group(1))
+    rate = res.rps
     if mode == "once":
         state.bodies_sent += s["built"]
         if not exhausted:  # an overflowing run's rate counts the cheap GET requests too
@@ -700,25 +639,12 @@ _IDLE_LEAVES = (
 def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
     """From py-spy's collapsed stacks (`--subprocesses`, `--nolineno`): the share of the worker
     processes' on-CPU samples per function (self and inclusive) and per category above."""
-    stacks: list[tuple[str, list[str], int]] = []
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not n.isdigit():
-            continue
-        frames = [f.strip() for f in stack.split(";") if f.strip()]
-        proc = "?"
-        while frames and frames[0].startswith("process "):
-            proc = frames.pop(0)
-        if frames:
-            stacks.append((proc, frames, int(n)))
-    workers = {p for p, frames, _ in stacks if any("fhirgate/authserver" in f for f in frames)}
+    stacks, workers = pb.pyspy_worker_stacks(path, "fhirgate/authserver")
     self_c: collections.Counter[str] = collections.Counter()
     incl_c: collections.Counter[str] = collections.Counter()
     cat_c: collections.Counter[str] = collections.Counter()
     total = idle = 0
-    for proc, frames, k in stacks:
-        if proc not in workers:
-            continue
+    for _, frames, k in stacks:
         if frames[-1].startswith(_IDLE_LEAVES):
             idle += k
             continue
@@ -737,7 +663,7 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
     return {
         "samples": total,
         "idle_samples_left_out": idle,
-        "processes": len(workers),
+        "processes": workers,
         "categories": [(name, share(cat_c[name])) for name, _, _ in PROFILE_CATEGORIES],
         "self": [(f, share(c)) for f, c in self_c.most_common(top)],
         "inclusive": [(f, share(c)) for f, c in incl_c.most_common(top * 2)],
@@ -749,7 +675,7 @@ def profile_case(
 ) -> dict[str, Any]:
     """py-spy on the case's server (all its processes) while wrk loads it for `--profile` seconds.
     Not part of the figures: sampling slows the server."""
-    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    pyspy = pb.pyspy_path()
     if not Path(pyspy).exists():
         loud("--profile: py-spy not found (pip install py-spy into the venv): no profile")
         return {"skipped": "py-spy not found"}
@@ -1016,42 +942,17 @@ def source_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def versions(args: argparse.Namespace, wrk: str, postgres: str | None) -> dict[str, Any]:
-    def pkg(name: str) -> str:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
+def versions(wrk: str, postgres: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "python": sys.version.split()[0],
-        "sqlite": sqlite3.sqlite_version,
-        "wrk": pb.tool_version([wrk, "-v"]),
-        "fhirgate_revision": pb.repo_revision(),
+        **pb.base_versions(wrk),
         **{
-            name: pkg(name)
+            name: pb.package_version(name)
             for name in ("Authlib", "joserfc", "cryptography", "starlette", "uvicorn", "uvloop", "asyncpg")
         },
     }
     if postgres is not None:
-        try:
-            out["postgres"] = asyncio.run(_pg(postgres, [], "SELECT version()"))[0][0]
-        except Exception as exc:
-            out["postgres"] = f"unavailable: {type(exc).__name__}: {exc}"
+        out["postgres"] = pb.postgres_version(postgres)
     return out
-
-
-def dirty_sources() -> bool | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "src"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
 @contextlib.contextmanager
@@ -1104,7 +1005,7 @@ def bench(args: argparse.Namespace, procs: pb.Processes, runner: pb.WrkRunner, w
             postgres_note = "--no-postgres given"
         else:
             try:
-                asyncio.run(_pg(args.postgres, [], "SELECT 1"))
+                pb.pg(args.postgres, [], "SELECT 1")
             except Exception as exc:
                 postgres_note = f"PostgreSQL at {args.postgres} unavailable: {type(exc).__name__}: {exc}"
                 loud(f"{postgres_note}: the PostgreSQL cases are SKIPPED")
@@ -1123,10 +1024,10 @@ def bench(args: argparse.Namespace, procs: pb.Processes, runner: pb.WrkRunner, w
             if spec.store == "postgresql":
                 if postgres_note:
                     continue
-                asyncio.run(_pg(args.postgres, [f"CREATE SCHEMA {schema}"]))
+                pb.pg(args.postgres, [f"CREATE SCHEMA {schema}"])
                 schema_created = True
                 say(f"PostgreSQL: created schema {schema}")
-                database = with_schema(args.postgres, schema)
+                database = pb.with_schema(args.postgres, schema)
             else:
                 database = f"sqlite:///{workdir / 'auth.db'}"
             workdir.mkdir(parents=True)
@@ -1187,7 +1088,7 @@ def bench(args: argparse.Namespace, procs: pb.Processes, runner: pb.WrkRunner, w
                 procs.stop(server.proc)
         if schema_created:
             try:
-                asyncio.run(_pg(args.postgres, [f"DROP SCHEMA {schema} CASCADE"]))
+                pb.pg(args.postgres, [f"DROP SCHEMA {schema} CASCADE"])
                 say(f"PostgreSQL: dropped schema {schema}")
             except Exception as exc:
                 loud(f"could not drop PostgreSQL schema {schema}: {type(exc).__name__}: {exc}")
@@ -1200,10 +1101,7 @@ def bench(args: argparse.Namespace, procs: pb.Processes, runner: pb.WrkRunner, w
             style="yellow",
         )
     source_at_end = source_fingerprint()
-    if source_at_end != source_at_start:
-        loud(
-            "the fhirgate sources changed while the benchmark ran (someone else's edit): figures mix versions"
-        )
+    pb.warn_if_sources_changed(source_at_start, source_at_end)
 
     cost: dict[str, Any] | None = None
     if args.breakdown:
@@ -1281,15 +1179,11 @@ def build_report(
         f"{args.workers} workers: >= {BAR_TOKENS_PER_S:g} tokens/s"
     )
     return {
-        "benchmark": "bench/auth_bench.py",
-        "timestamp": started.isoformat(timespec="seconds"),
-        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "elapsed_s": round(time.monotonic() - t_start, 1),
-        "command": shlex.join(["python", "bench/auth_bench.py", *args.argv]),
+        **pb.report_head("bench/auth_bench.py", started, t_start, args.argv),
         "machine": pb.machine_info(),
         "versions": {
-            **versions(args, wrk, None if args.no_postgres else args.postgres),
-            "fhirgate_working_tree_dirty": dirty_sources(),
+            **versions(wrk, None if args.no_postgres else args.postgres),
+            "fhirgate_working_tree_dirty": pb.dirty_sources(),
         },
         "method": {
             "quick": args.quick,
@@ -1358,13 +1252,8 @@ def build_report(
 # ------------------------------------------------------------------------------------------ report
 
 
-def fmt(x: Any, spec: str) -> str:
-    if x is None or (isinstance(x, float) and x != x):
-        return "-"
-    return format(x, spec)
-
-
 def print_report(report: dict[str, Any]) -> None:
+    fmt = pb.fmt
     m = report["method"]
     title = (
         f"token endpoint, client_credentials: median of {m['rounds']} rounds, {m['duration_s']:g}s each, "
@@ -1410,12 +1299,9 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def write_results(args: argparse.Namespace, report: dict[str, Any], tmp: Path) -> None:
-    results_dir = args.results_dir
-    results_dir.mkdir(parents=True, exist_ok=True)
-    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     replacements = [
         (sys.executable, "python"),
-        (pyspy, "py-spy"),
+        (pb.pyspy_path(), "py-spy"),
         (str(tmp), "$TMP"),
         (str(REPO_ROOT), "$REPO"),
     ]
@@ -1425,22 +1311,12 @@ def write_results(args: argparse.Namespace, report: dict[str, Any], tmp: Path) -
     schema = report.pop("_schema", None)
     if schema:
         replacements.append((schema, "authbench_PID_RANDOM"))
-    report = pb._portable(report, replacements)
-    json_path = results_dir / "auth_latest.json"
-    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    say(f"wrote {json_path}")
-    try:
-        say(f"wrote {plot(report, results_dir / 'auth_latest.png')}")
-    except ImportError:
-        loud("matplotlib is not installed: no chart (pip install matplotlib)")
+    pb.save_report(args.results_dir, "auth_latest", report, replacements, plot)
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
     """Median tokens/s per case (dots: rounds) with the 500 tokens/s bar; p50 and p99 per case."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pb.pyplot()
     from matplotlib import ticker
 
     cases = report["cases"]
@@ -1526,39 +1402,17 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         f"{'  |  QUICK run' if m['quick'] else ''}{noisy_note}",
         fontsize=11,
     )
-    fig.text(
-        0.5,
-        0.012,
+    return pb.finish_chart(
+        fig,
+        path,
+        (0, 0.04, 1, 0.93),
         "wrk, the servers and PostgreSQL share the same cores on loopback. Blue: SQLite, green: PostgreSQL. "
         "Dots: individual rounds.",
-        ha="center",
-        fontsize=8,
-        style="italic",
+        0.012,
     )
-    fig.tight_layout(rect=(0, 0.04, 1, 0.93))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # -------------------------------------------------------------------------------------------- main
-
-
-def ensure_wrk() -> str:
-    """wrk on PATH; installed with apt (wrk only, as root) when missing."""
-    found = pb.find_exe("wrk")
-    if found:
-        return found
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        raise SystemExit("wrk is missing: install it first (apt-get install -y wrk)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "wrk"]):
-        say(f"tools: wrk missing -> running: {' '.join(cmd)}")
-        subprocess.run(cmd, check=True, env=env)
-    found = pb.find_exe("wrk")
-    if found is None:
-        raise SystemExit("wrk still not found after installing it")
-    return found
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -1620,7 +1474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return pb.run_benchmark(
         "fhirgate-auth-bench-",
         args.keep_tmp,
-        ensure_wrk,
+        pb.ensure_wrk,
         lambda procs, runner, wrk, tmp: bench(args, procs, runner, wrk, tmp),
     )
 

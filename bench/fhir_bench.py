@@ -30,7 +30,6 @@ import collections
 import contextlib
 import datetime as dt
 import hashlib
-import importlib.metadata
 import json
 import os
 import random
@@ -606,62 +605,31 @@ def start_server(procs: pb.Processes, backend: Backend, url: str, workdir: Path,
         f"fhir-server-{backend.key}", cmd, workdir / "server.log", cwd=workdir, env=server_env()
     )
     server = Server(backend, port, url, proc, cmd, workdir)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise RuntimeError(
-                f"fhir-server ({backend.label}) exited with status {proc.popen.returncode}:\n"
-                f"{proc.log_tail()}"
-            )
-        try:
-            status, _, _ = pb.http_get(port, "/metadata", timeout=2.0)
-            if status == 200:
-                say(f"fhir-server {backend.label} ready on 127.0.0.1:{port}")
-                return server
-            last = f"HTTP {status}"
-        except OSError as exc:
-            last = f"{type(exc).__name__}: {exc}"
-        time.sleep(0.2)
-    raise RuntimeError(f"fhir-server ({backend.label}) not ready after {READY_TIMEOUT_S:.0f}s: {last}")
+    pb.wait_http_ready(proc, port, "/metadata", f"fhir-server ({backend.label})", READY_TIMEOUT_S)
+    say(f"fhir-server {backend.label} ready on 127.0.0.1:{port}")
+    return server
 
 
 # ---------------------------------------------------------------------------------------- PostgreSQL
 
 
-async def _pg(url: str, statements: Sequence[str], query: str | None = None) -> list[Any]:
-    import asyncpg
-
-    conn = await asyncpg.connect(url, timeout=10)
-    try:
-        for s in statements:
-            await conn.execute(s)
-        return [tuple(r) for r in await conn.fetch(query)] if query else []
-    finally:
-        await conn.close()
-
-
 def pg_info(url: str) -> dict[str, Any]:
-    rows = asyncio.run(
-        _pg(
-            url,
-            [],
-            "SELECT name, setting, COALESCE(unit, '') FROM pg_settings WHERE name IN ('server_version', "
-            "'fsync', 'synchronous_commit', 'full_page_writes', 'shared_buffers', 'work_mem', "
-            "'max_connections', 'wal_level', 'effective_cache_size') ORDER BY name",
-        )
+    rows = pb.pg(
+        url,
+        [],
+        "SELECT name, setting, COALESCE(unit, '') FROM pg_settings WHERE name IN ('server_version', "
+        "'fsync', 'synchronous_commit', 'full_page_writes', 'shared_buffers', 'work_mem', "
+        "'max_connections', 'wal_level', 'effective_cache_size') ORDER BY name",
     )
     return {name: f"{setting}{' x ' + unit if unit else ''}" for name, setting, unit in rows}
 
 
 def pg_schema_bytes(url: str, schema: str) -> int:
-    rows = asyncio.run(
-        _pg(
-            url,
-            [],
-            "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c JOIN pg_namespace n "
-            f"ON n.oid = c.relnamespace WHERE n.nspname = '{schema}' AND c.relkind IN ('r', 'm')",
-        )
+    rows = pb.pg(
+        url,
+        [],
+        "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c JOIN pg_namespace n "
+        f"ON n.oid = c.relnamespace WHERE n.nspname = '{schema}' AND c.relkind IN ('r', 'm')",
     )
     return int(rows[0][0]) if rows else 0
 
@@ -699,22 +667,13 @@ def run_wrk(
     loadavg = pb.read_loadavg()
     raw = runner.run(cmd, duration)
     cpu_server, cpu_wrk, cpu_other = cpu.stop(client="children")
-    m = re.search(r"^FHIRBENCH (\{.*\})$", raw, re.MULTILINE)
-    rps = re.search(r"^Requests/sec:\s+([\d.]+)", raw, re.MULTILINE)
-    if m is None or rps is None:
-        raise RuntimeError(f"wrk output not understood:\n{raw}")
-    s = json.loads(m.group(1))
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", raw)
-    errors = s["connect_errors"] + s["read_errors"] + s["write_errors"] + s["timeouts"]
-    non = int(non2xx.group(1)) if non2xx else 0
+    res = pb.parse_lua_wrk(raw, "FHIRBENCH")
+    s, ms = res.stats, res.ms
+    errors, non = res.socket_errors, res.non_2xx_3xx
     none = s["requests"] == 0  # nothing completed within the run: no latency figures at all
-
-    def ms(key: str) -> float:
-        return float("nan") if none else s[key] / 1000.0
-
     drained = drain(server, args)
     return {
-        "rps": float(rps.group(1)),
+        "rps": res.rps,
         "requests": s["requests"],
         "p50_ms": ms("p50_us"),
         "p90_ms": ms("p90_us"),
@@ -867,25 +826,11 @@ def sample_check(
     }
 
 
-def _group_pids(pgid: int) -> list[int]:
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        if int(raw[raw.rfind(")") + 2 :].split()[2]) == pgid:
-            pids.append(int(entry.name))
-    return pids
-
-
 def pg_client_ports(pgid: int, pg_port: int) -> list[int]:
     """Local ports of the server's connections to PostgreSQL (its workers' sockets, from /proc), so
     that pg_stat_activity can tell this server's queries from anyone else's."""
     inodes: set[str] = set()
-    for pid in _group_pids(pgid):
+    for pid in pb.group_pids(pgid):
         with contextlib.suppress(OSError):
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 with contextlib.suppress(OSError):
@@ -906,13 +851,11 @@ def pg_active_queries(url: str, ports: list[int]) -> int:
     if not ports:
         return 0
     ports_sql = ",".join(str(p) for p in ports)
-    rows = asyncio.run(
-        _pg(
-            url,
-            [],
-            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid() "
-            f"AND client_port IN ({ports_sql})",
-        )
+    rows = pb.pg(
+        url,
+        [],
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid() "
+        f"AND client_port IN ({ports_sql})",
     )
     return int(rows[0][0])
 
@@ -957,7 +900,7 @@ def count(server: Server, rtype: str) -> int | None:
 
 
 def start_profile(server: Server, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
-    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    pyspy = pb.pyspy_path()
     if not Path(pyspy).exists():
         loud("--profile: py-spy not found (pip install py-spy): no profile")
         return None
@@ -988,25 +931,14 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
     """From py-spy's collapsed stacks (`--subprocesses`: the first frame names the process): the
     functions most often on CPU (self) and on the stack (inclusive), as shares of the samples of the
     worker processes (those with FHIR server frames; uvicorn's supervisor only waits on its pipes)."""
-    stacks: list[tuple[str, list[str], int]] = []
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not n.isdigit():
-            continue
-        frames = [f.strip() for f in stack.split(";") if f.strip()]
-        proc = "?"  # child processes are nested: `process MASTER;process CHILD;frames...`
-        while frames and frames[0].startswith("process "):
-            proc = frames.pop(0)
-        if frames:
-            stacks.append((proc, frames, int(n)))
-    workers = {p for p, frames, _ in stacks if any("fhirgate/fhirserver" in f for f in frames)}
+    stacks, workers = pb.pyspy_worker_stacks(path, "fhirgate/fhirserver")
     self_c: collections.Counter[str] = collections.Counter()
     incl_c: collections.Counter[str] = collections.Counter()
     total = 0
-    for proc, frames, k in stacks:
-        # uvicorn's supervisor and each worker's health-check thread block in pipe reads, which
-        # py-spy does not always see as idle: left out
-        if proc not in workers or frames[-1].startswith(_BLOCKING_LEAVES):
+    for _, frames, k in stacks:
+        # each worker's health-check thread blocks in pipe reads, which py-spy does not always see
+        # as idle: left out
+        if frames[-1].startswith(_BLOCKING_LEAVES):
             continue
         total += k
         self_c[frames[-1]] += k
@@ -1014,7 +946,7 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
             incl_c[f] += k
     return {
         "samples": total,
-        "processes": len(workers),
+        "processes": workers,
         "self": [(f, round(100.0 * c / total, 1)) for f, c in self_c.most_common(top)] if total else [],
         "inclusive": [(f, round(100.0 * c / total, 1)) for f, c in incl_c.most_common(top * 2)]
         if total
@@ -1043,18 +975,18 @@ def bench_backend(
         url = f"sqlite:///{db}" + ("?synchronous=full" if backend.key == "sqlite-full" else "")
     else:
         schema = f"fhirbench_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-        asyncio.run(_pg(args.postgres, [f'CREATE SCHEMA "{schema}"']))
+        pb.pg(args.postgres, [f'CREATE SCHEMA "{schema}"'])
         say(f"postgresql: created schema {schema}")
 
         def drop(schema: str = schema) -> None:
             try:
-                asyncio.run(_pg(args.postgres, [f'DROP SCHEMA IF EXISTS "{schema}" CASCADE']))
+                pb.pg(args.postgres, [f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'])
                 say(f"postgresql: dropped schema {schema}")
             except Exception as exc:
                 loud(f"postgresql: could not drop schema {schema}: {exc}")
 
         cleanup.callback(drop)
-        url = f"{args.postgres}{'&' if '?' in args.postgres else '?'}schema={schema}"
+        url = pb.with_schema(args.postgres, schema)
         rec["postgres_settings"] = pg_info(args.postgres)
     rec["database_url"] = url
     server = start_server(procs, backend, url, workdir, args.workers)
@@ -1254,10 +1186,8 @@ def analyze(args: argparse.Namespace, server: Server, workdir: Path, url: str) -
         statement = "ANALYZE (sqlite3, a separate connection to the database file)"
     else:
         schema = url.rsplit("schema=", 1)[1]
-        tables = asyncio.run(
-            _pg(args.postgres, [], f"SELECT tablename FROM pg_tables WHERE schemaname = '{schema}'")
-        )
-        asyncio.run(_pg(args.postgres, [f'ANALYZE "{schema}"."{t}"' for (t,) in tables]))
+        tables = pb.pg(args.postgres, [], f"SELECT tablename FROM pg_tables WHERE schemaname = '{schema}'")
+        pb.pg(args.postgres, [f'ANALYZE "{schema}"."{t}"' for (t,) in tables])
         statement = f"ANALYZE on each of the {len(tables)} tables of the schema"
     took = round(time.monotonic() - t0, 2)
     say(f"{server.backend.label}: {statement}: {took:.1f}s")
@@ -1343,56 +1273,17 @@ def bars(backends: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def versions(args: argparse.Namespace, wrk: str) -> dict[str, Any]:
-    def pkg(name: str) -> str:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
     out: dict[str, Any] = {
-        "python": sys.version.split()[0],
-        "sqlite": sqlite3.sqlite_version,
-        "wrk": pb.tool_version([wrk, "-v"]),
-        "fhirgate_revision": pb.repo_revision(),
-        "fhirgate_working_tree_dirty": _dirty(),
-        **{name: pkg(name) for name in ("uvicorn", "uvloop", "httptools", "asyncpg", "orjson", "httpx")},
+        **pb.base_versions(wrk),
+        "fhirgate_working_tree_dirty": pb.dirty_sources(),
+        **{
+            name: pb.package_version(name)
+            for name in ("uvicorn", "uvloop", "httptools", "asyncpg", "orjson", "httpx")
+        },
     }
     if not args.no_postgres:
-        try:
-            out["postgres"] = asyncio.run(_pg(args.postgres, [], "SELECT version()"))[0][0]
-        except Exception as exc:
-            out["postgres"] = f"unavailable: {type(exc).__name__}: {exc}"
+        out["postgres"] = pb.postgres_version(args.postgres)
     return out
-
-
-def _dirty() -> bool | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "src"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return bool(out.stdout.strip()) if out.returncode == 0 else None
-
-
-def ensure_wrk() -> str:
-    """wrk on PATH; installed with apt (wrk only) when missing."""
-    found = pb.find_exe("wrk")
-    if found:
-        return found
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        raise SystemExit("wrk is missing: install it first (apt-get install -y wrk)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "wrk"]):
-        say(f"tools: wrk missing -> running: {' '.join(cmd)}")
-        subprocess.run(cmd, check=True, env=env)
-    found = pb.find_exe("wrk")
-    if found is None:
-        raise SystemExit("wrk still not found after installing it")
-    return found
 
 
 def fs_type(path: Path) -> str:
@@ -1433,7 +1324,7 @@ def bench(args: argparse.Namespace, procs: pb.Processes, runner: pb.WrkRunner, w
     selected = [b for b in BACKENDS if b.key in args.backends]
     if not args.no_postgres and any(b.key == "postgresql" for b in selected):
         try:
-            asyncio.run(_pg(args.postgres, [], "SELECT 1"))
+            pb.pg(args.postgres, [], "SELECT 1")
         except Exception as exc:
             loud(f"PostgreSQL at {args.postgres} unavailable ({type(exc).__name__}: {exc}): skipped")
             args.no_postgres = True
@@ -1470,16 +1361,9 @@ def bench(args: argparse.Namespace, procs: pb.Processes, runner: pb.WrkRunner, w
     )
     machine = pb.machine_info()
     source_at_end = source_fingerprint()
-    if source_at_end != source_at_start:
-        loud(
-            "the fhirgate sources changed while the benchmark ran (someone else's edit): figures mix versions"
-        )
+    pb.warn_if_sources_changed(source_at_start, source_at_end)
     report = {
-        "benchmark": "bench/fhir_bench.py",
-        "timestamp": started.isoformat(timespec="seconds"),
-        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "elapsed_s": round(time.monotonic() - t_start, 1),
-        "command": shlex.join(["python", "bench/fhir_bench.py", *args.argv]),
+        **pb.report_head("bench/fhir_bench.py", started, t_start, args.argv),
         "machine": {**machine, "tmp_filesystem": fs_type(tmp)},
         "versions": {
             **versions(args, wrk),
@@ -1543,13 +1427,8 @@ def bench(args: argparse.Namespace, procs: pb.Processes, runner: pb.WrkRunner, w
 # ------------------------------------------------------------------------------------------ report
 
 
-def fmt(x: Any, spec: str) -> str:
-    if x is None or (isinstance(x, float) and x != x):
-        return "-"
-    return format(x, spec)
-
-
 def print_report(report: dict[str, Any]) -> None:
+    fmt = pb.fmt
     recs = [b for b in report["backends"]]
     header = ("", *(b["label"] for b in recs), "bar")
     rows: list[tuple[str, ...]] = []
@@ -1660,8 +1539,6 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def write_results(args: argparse.Namespace, report: dict[str, Any], tmp: Path) -> None:
-    results_dir = args.results_dir
-    results_dir.mkdir(parents=True, exist_ok=True)
     replacements = [(sys.executable, "python"), (str(tmp), "$TMP")]
     if args.synthea is not None:
         rel = os.path.relpath(args.synthea.resolve(), REPO_ROOT)
@@ -1671,23 +1548,13 @@ def write_results(args: argparse.Namespace, report: dict[str, Any], tmp: Path) -
     found = pb.find_exe("wrk")
     if found:
         replacements.append((found, "wrk"))
-    report = pb._portable(report, replacements)
-    json_path = results_dir / "fhir_latest.json"
-    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    say(f"wrote {json_path}")
-    try:
-        say(f"wrote {plot(report, results_dir / 'fhir_latest.png')}")
-    except ImportError:
-        loud("matplotlib is not installed: no chart (pip install matplotlib)")
+    pb.save_report(args.results_dir, "fhir_latest", report, replacements, plot)
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
     """Ingest resources/s per backend (2,000 bar), read req/s (1,500 bar), search p50/p95 per shape
     (20 / 60 ms bars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pb.pyplot()
 
     recs = [b for b in report["backends"] if not b.get("skipped") and not b.get("error")]
     colours = {"sqlite": "#1f77b4", "sqlite-full": "#9ecae1", "postgresql": "#2ca02c"}
@@ -1837,19 +1704,14 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         f"{report['versions']['wrk'].split(' [')[0]}",
         fontsize=11,
     )
-    fig.text(
-        0.5,
-        0.01,
+    return pb.finish_chart(
+        fig,
+        path,
+        (0, 0.02, 1, 0.95),
         "client (httpx / wrk), FHIR server and PostgreSQL share the same cores on loopback; "
         "bars are the issue's, stated for SQLite",
-        ha="center",
-        fontsize=8,
-        style="italic",
+        0.01,
     )
-    fig.tight_layout(rect=(0, 0.02, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -1914,7 +1776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return pb.run_benchmark(
         "fhirgate-fhir-bench-",
         args.keep_tmp,
-        ensure_wrk,
+        pb.ensure_wrk,
         lambda procs, runner, wrk, tmp: bench(args, procs, runner, wrk, tmp),
         signals=stop_on_signals,
     )

@@ -40,7 +40,6 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -421,35 +420,12 @@ def find_haproxy() -> str:
 # ---------------------------------------------------------------------------------------- requests
 
 
+def bearer(token: str | None) -> dict[str, str] | None:
+    return {"Authorization": f"Bearer {token}"} if token is not None else None
+
+
 def get(port: int, token: str | None, timeout: float = 2.0) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        headers = {"Accept": "application/fhir+json"}
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        conn.request("GET", REQUEST_PATH, headers=headers)
-        resp = conn.getresponse()
-        body = resp.read()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
-    finally:
-        conn.close()
-
-
-def wait_ready(proc: pb.Proc, port: int, token: str, timeout: float = pb.READY_TIMEOUT_S) -> str | None:
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            return f"{proc.name} exited with status {proc.popen.returncode} before it was ready"
-        try:
-            status, _, _ = get(port, token, timeout=1.0)
-            if status == 200:
-                return None
-            last = f"HTTP {status}"
-        except OSError as exc:
-            last = f"{type(exc).__name__}: {exc}"
-        time.sleep(0.1)
-    return f"{proc.name} not ready after {timeout:.0f}s (last: {last})"
+    return pb.http_get(port, REQUEST_PATH, timeout, bearer(token))
 
 
 def check_target(t: pb.Target, expected: bytes, good: str, bad: dict[str, str], verifies: bool) -> None:
@@ -516,46 +492,6 @@ class Load:
             str(offset),
             str(args.threads),
         ]
-
-
-def measure(
-    runner: pb.WrkRunner,
-    cmd: list[str],
-    duration: float,
-    t: pb.Target,
-    upstream: pb.Target,
-    rnd: int,
-    pos: int,
-) -> pb.Run:
-    """One wrk run with the CPU accounting of proxy_bench (target group, upstream, wrk, the rest)."""
-    loadavg = pb.read_loadavg()
-    up_pgid, t_pgid = upstream.pgid, t.pgid
-    if up_pgid is None or t_pgid is None:
-        raise RuntimeError(f"{t.label}: no process to measure")
-    t0 = time.monotonic()
-    cpu_t0, cpu_u0 = pb.group_cpu_seconds(t_pgid), pb.group_cpu_seconds(up_pgid)
-    cpu_w0, busy0 = pb.children_cpu_seconds(), pb.system_busy_seconds()
-    raw = runner.run(cmd, duration)
-    busy1, cpu_w1 = pb.system_busy_seconds(), pb.children_cpu_seconds()
-    cpu_u1, cpu_t1 = pb.group_cpu_seconds(up_pgid), pb.group_cpu_seconds(t_pgid)
-    wall = time.monotonic() - t0
-    res = pb.parse_wrk(raw)
-    cpu_target, cpu_up, cpu_wrk = cpu_t1 - cpu_t0, cpu_u1 - cpu_u0, cpu_w1 - cpu_w0
-    other = (busy1 - busy0) - cpu_target - cpu_up - cpu_wrk
-    return pb.Run(
-        round=rnd + 1,
-        position=pos + 1,
-        wrk={**asdict(res), "command": shlex.join(cmd)},
-        flagged=res.errors > 0 or res.non_2xx_3xx > 0,
-        wall_s=round(wall, 3),
-        cpu_target_s=round(cpu_target, 3),
-        cpu_upstream_s=round(cpu_up, 3),
-        cpu_wrk_s=round(cpu_wrk, 3),
-        cpu_other_s=round(other, 3),
-        noisy=other > pb.NOISY_SHARE * wall * (os.cpu_count() or 1),
-        loadavg_before=loadavg,
-        raw=raw,
-    )
 
 
 # ------------------------------------------------------------------------------------------ bench
@@ -630,7 +566,7 @@ def start_gateway(
         loud(f"fhirgate {plugin} targets SKIPPED: {skip}")
         return pair
     proc = procs.start(f"fhirgate-{short}", gw_cmd, gw_dir / "gateway.log", cwd=gw_dir, env=pb.gateway_env())
-    if (why := wait_ready(proc, port, one_token)) is not None:
+    if (why := pb.wait_ready(proc, port, headers=bearer(one_token))) is not None:
         tail = proc.log_tail()
         loud(f"fhirgate {plugin} SKIPPED: {why}\n{tail}")
         procs.stop(proc)
@@ -764,7 +700,7 @@ def bench(
         ha_one.skipped = ha_distinct.skipped = why
     else:
         ha_proc = procs.start("haproxy", ha_cmd, ha_dir / "haproxy.log", cwd=ha_dir, env=dict(os.environ))
-        if (why := wait_ready(ha_proc, ha_port, one_token)) is not None:
+        if (why := pb.wait_ready(ha_proc, ha_port, headers=bearer(one_token))) is not None:
             loud(f"HAProxy SKIPPED: {why}\n{ha_proc.log_tail()}")
             procs.stop(ha_proc)
             ha_one.skipped = ha_distinct.skipped = why
@@ -811,7 +747,7 @@ def bench(
         nonlocal offset, used_max
         load = loads[t.key]
         cmd = load.cmd(wrk, args, t.port, duration, offset)
-        run = measure(runner, cmd, duration, t, upstream, rnd, pos)
+        run = pb.measure_cmd(runner, cmd, duration, t, upstream, rnd, pos)
         if load.kind == "distinct":
             used = run.wrk["requests"] + args.connections
             used_max = max(used_max, used)
@@ -979,28 +915,17 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def write_results(results_dir: Path, report: dict[str, Any], tmp: Path) -> None:
-    results_dir.mkdir(parents=True, exist_ok=True)
     replacements = [(sys.executable, "python"), (str(tmp), "$TMP"), (str(pb.REPO_ROOT), "$REPO")]
     for tool in ("nginx", "wrk", "haproxy"):
         found = pb.find_exe(tool)
         if found:
             replacements.append((found, tool))
-    report = pb._portable(report, replacements)
-    json_path = results_dir / "jwt_latest.json"
-    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    say(f"wrote {json_path}")
-    try:
-        say(f"wrote {plot(report, results_dir / 'jwt_latest.png')}")
-    except ImportError:
-        loud("matplotlib is not installed: no chart (pip install matplotlib)")
+    pb.save_report(results_dir, "jwt_latest", report, replacements, plot)
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
     """Median requests/s per target (ratios on each bar, the issue's bars as red lines) and p99."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pb.pyplot()
 
     targets = report["targets"]
     med = report["medians"]
@@ -1075,10 +1000,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     )
     verdicts = "   ".join(f"{b['result']}: {b['bar']}" for b in report["bars"])
     fig.text(0.5, 0.03, verdicts, ha="center", fontsize=7.5, wrap=True)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.92))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return pb.finish_chart(fig, path, (0, 0.07, 1, 0.92))
 
 
 # -------------------------------------------------------------------------------------------- main

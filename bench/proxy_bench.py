@@ -16,18 +16,22 @@ at import time; without them the chart is skipped and the table is plain text). 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
 import fcntl
 import http.client
+import importlib.metadata
 import json
 import os
 import platform
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -39,6 +43,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+# The other benchmarks (jwt_bench.py, fhir_bench.py, auth_bench.py) import this module for the pieces
+# they share: processes, wrk, CPU accounting, machine facts and versions, PostgreSQL, py-spy stacks,
+# the results files and charts. One copy of each lives here.
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 REQUEST_PATH = "/fhir/Patient/example"
@@ -273,10 +280,12 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def http_get(port: int, path: str = REQUEST_PATH, timeout: float = 2.0) -> tuple[int, dict[str, str], bytes]:
+def http_get(
+    port: int, path: str = REQUEST_PATH, timeout: float = 2.0, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("GET", path, headers={"Accept": "application/fhir+json"})
+        conn.request("GET", path, headers={"Accept": "application/fhir+json", **(headers or {})})
         resp = conn.getresponse()
         body = resp.read()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
@@ -334,9 +343,9 @@ def repo_revision() -> str:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User+system CPU seconds of the live processes of process group `pgid`."""
-    total = 0
+def proc_stats() -> Iterator[tuple[int, str, list[str]]]:
+    """(pid, command name, the fields after the name) of every live process, from /proc/PID/stat.
+    fields[0] is field 3 (state): pgrp is fields[2] (field 5), utime fields[11], stime fields[12]."""
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -344,11 +353,30 @@ def group_cpu_seconds(pgid: int) -> float:
             raw = Path(entry.path, "stat").read_text()
         except OSError:
             continue
-        fields = raw[raw.rfind(")") + 2 :].split()
-        # fields[0] is field 3 (state): pgrp is field 5, utime 14, stime 15
+        yield int(entry.name), raw[raw.find("(") + 1 : raw.rfind(")")], raw[raw.rfind(")") + 2 :].split()
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User+system CPU seconds of the live processes of process group `pgid`."""
+    total = 0
+    for _, _, fields in proc_stats():
         if int(fields[2]) == pgid:
             total += int(fields[11]) + int(fields[12])
     return total / CLK_TCK
+
+
+def named_cpu_seconds(comm: str) -> float:
+    """User+system CPU seconds of the live processes whose command name is `comm`."""
+    total = 0
+    for _, name, fields in proc_stats():
+        if name == comm:
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The live processes of process group `pgid`."""
+    return [pid for pid, _, fields in proc_stats() if int(fields[2]) == pgid]
 
 
 def system_busy_seconds() -> float:
@@ -450,15 +478,17 @@ class Processes:
                 say(f"could not stop {proc.name} (pid {proc.pid}): {exc}", style="red")
 
 
-def wait_ready(proc: Proc, port: int, timeout: float = READY_TIMEOUT_S) -> str | None:
-    """None when a GET through `port` answers 200 within `timeout`, else why not."""
+def wait_ready(
+    proc: Proc, port: int, timeout: float = READY_TIMEOUT_S, headers: dict[str, str] | None = None
+) -> str | None:
+    """None when a GET through `port` (with `headers`) answers 200 within `timeout`, else why not."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
         if not proc.alive():
             return f"{proc.name} exited with status {proc.popen.returncode} before it was ready"
         try:
-            status, _, _ = http_get(port, timeout=1.0)
+            status, _, _ = http_get(port, timeout=1.0, headers=headers)
             if status == 200:
                 return None
             last = f"HTTP {status}"
@@ -1081,6 +1111,14 @@ def measure(
     runner: WrkRunner, wrk: str, args: argparse.Namespace, t: Target, upstream: Target, rnd: int, pos: int
 ) -> Run:
     cmd = wrk_cmd(wrk, args, t.port, args.duration)
+    return measure_cmd(runner, cmd, args.duration, t, upstream, rnd, pos)
+
+
+def measure_cmd(
+    runner: WrkRunner, cmd: list[str], duration: float, t: Target, upstream: Target, rnd: int, pos: int
+) -> Run:
+    """One wrk run of `cmd` with the CPU accounting: the target's group, the upstream's (unless it is
+    the target), wrk and the rest of the machine."""
     loadavg = read_loadavg()
     up_pgid = upstream.pgid
     t_pgid = t.pgid
@@ -1092,7 +1130,7 @@ def measure(
     cpu_u0 = 0.0 if same else group_cpu_seconds(up_pgid)
     cpu_w0 = children_cpu_seconds()
     busy0 = system_busy_seconds()
-    raw = runner.run(cmd, args.duration)
+    raw = runner.run(cmd, duration)
     busy1 = system_busy_seconds()
     cpu_w1 = children_cpu_seconds()
     cpu_u1 = 0.0 if same else group_cpu_seconds(up_pgid)
@@ -1106,7 +1144,7 @@ def measure(
     return Run(
         round=rnd + 1,
         position=pos + 1,
-        wrk={**asdict(res), "command": " ".join(cmd)},
+        wrk={**asdict(res), "command": shlex.join(cmd)},
         flagged=res.errors > 0 or res.non_2xx_3xx > 0,
         wall_s=round(wall, 3),
         cpu_target_s=round(cpu_target, 3),
@@ -1274,8 +1312,8 @@ def build_report(
     }
 
 
-def fmt(x: float, spec: str) -> str:
-    return "-" if x != x else format(x, spec)  # NaN -> "-"
+def fmt(x: Any, spec: str) -> str:
+    return "-" if x is None or x != x else format(x, spec)  # None, NaN -> "-"
 
 
 def target_rows(
@@ -1384,9 +1422,27 @@ def _portable(value: Any, replacements: list[tuple[str, str]]) -> Any:
     return value
 
 
-def write_results(results_dir: Path, report: dict[str, Any], tmp: Path | None = None) -> None:
+def save_report(
+    results_dir: Path,
+    stem: str,
+    report: dict[str, Any],
+    replacements: list[tuple[str, str]],
+    plot: Callable[[dict[str, Any], Path], Path],
+) -> None:
+    """Write `report`, without this machine's paths, to RESULTS_DIR/STEM.json and its chart to
+    STEM.png (none, loudly, without matplotlib)."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    json_path = results_dir / "latest.json"
+    report = _portable(report, replacements)
+    json_path = results_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    say(f"wrote {json_path}")
+    try:
+        say(f"wrote {plot(report, results_dir / f'{stem}.png')}")
+    except ImportError:
+        loud("matplotlib is not installed: no chart (pip install matplotlib)")
+
+
+def write_results(results_dir: Path, report: dict[str, Any], tmp: Path | None = None) -> None:
     replacements = [(sys.executable, "python")]
     if tmp is not None:
         replacements.append((str(tmp), "$TMP"))
@@ -1394,23 +1450,42 @@ def write_results(results_dir: Path, report: dict[str, Any], tmp: Path | None = 
         found = shutil.which(tool)
         if found:
             replacements.append((found, tool))
-    report = _portable(report, replacements)
-    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    say(f"wrote {json_path}")
-    try:
-        png = plot(report, results_dir / "latest.png")
-        say(f"wrote {png}")
-    except ImportError:
-        loud("matplotlib is not installed: no chart (pip install matplotlib)")
+    save_report(results_dir, "latest", report, replacements, plot)
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only); ImportError without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def finish_chart(
+    fig: Any,
+    path: Path,
+    rect: tuple[float, float, float, float],
+    footnote: str | None = None,
+    footnote_y: float = 0.012,
+) -> Path:
+    """How every chart ends: an italic footnote centred at `footnote_y` (if any), the layout inside
+    `rect`, the PNG written at 110 dpi, the figure closed."""
+    import matplotlib.pyplot as plt
+
+    if footnote is not None:
+        fig.text(0.5, footnote_y, footnote, ha="center", fontsize=8, style="italic")
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
     """Two panels: median requests/s (ratio to the nginx proxy on each bar, the issue's bars as red
     lines) and median p99; the dots are the individual rounds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     targets = report["targets"]
     med = report["medians"]
@@ -1483,18 +1558,187 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         f"{b['result']}: {b['bar'].split(': ', 1)[1]} ({b['bar'].split(':', 1)[0]})" for b in report["bars"]
     )
     fig.text(0.5, 0.045, verdicts, ha="center", fontsize=7.5, wrap=True)
-    fig.text(
-        0.5,
-        0.012,
+    return finish_chart(
+        fig,
+        path,
+        (0, 0.08, 1, 0.92),
         "wrk and all targets share the same cores on loopback: compare ratios, not absolute figures.",
-        ha="center",
-        fontsize=8,
-        style="italic",
+        0.012,
     )
-    fig.tight_layout(rect=(0, 0.08, 1, 0.92))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+
+
+# -------------------------------------------- shared by the server benchmarks (auth_bench, fhir_bench)
+
+
+def ensure_wrk() -> str:
+    """wrk on PATH; installed with apt (wrk only, as root) when missing."""
+    found = find_exe("wrk")
+    if found:
+        return found
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        raise SystemExit("wrk is missing: install it first (apt-get install -y wrk)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "wrk"]):
+        say(f"tools: wrk missing -> running: {' '.join(cmd)}")
+        subprocess.run(cmd, check=True, env=env)
+    found = find_exe("wrk")
+    if found is None:
+        raise SystemExit("wrk still not found after installing it")
+    return found
+
+
+def wait_http_ready(proc: Proc, port: int, path: str, what: str, timeout: float) -> None:
+    """Return once GET `path` on `port` answers 200; RuntimeError (naming `what`) if the process
+    exits first (with its log's tail) or after `timeout` seconds (with the last answer)."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{what} exited with status {proc.popen.returncode}:\n{proc.log_tail()}")
+        try:
+            status, _, _ = http_get(port, path, timeout=2.0)
+            if status == 200:
+                return
+            last = f"HTTP {status}"
+        except OSError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} not ready after {timeout:.0f}s: {last}")
+
+
+async def _pg(url: str, statements: Sequence[str], query: str | None) -> list[Any]:
+    import asyncpg
+
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        for s in statements:
+            await conn.execute(s)
+        return [tuple(r) for r in await conn.fetch(query)] if query else []
+    finally:
+        await conn.close()
+
+
+def pg(url: str, statements: Sequence[str] = (), query: str | None = None) -> list[Any]:
+    """On one new PostgreSQL connection: `statements`, then `query`'s rows as tuples (none without)."""
+    return asyncio.run(_pg(url, statements, query))
+
+
+def with_schema(url: str, schema: str) -> str:
+    """The database URL with `?schema=` (fhirgate's storage URLs)."""
+    return f"{url}{'&' if '?' in url else '?'}schema={schema}"
+
+
+def postgres_version(url: str) -> str:
+    try:
+        return str(pg(url, [], "SELECT version()")[0][0])
+    except Exception as exc:
+        return f"unavailable: {type(exc).__name__}: {exc}"
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def base_versions(wrk: str) -> dict[str, Any]:
+    """The versions every server benchmark records first: Python, SQLite, wrk, the checkout."""
+    return {
+        "python": sys.version.split()[0],
+        "sqlite": sqlite3.sqlite_version,
+        "wrk": tool_version([wrk, "-v"]),
+        "fhirgate_revision": repo_revision(),
+    }
+
+
+def dirty_sources() -> bool | None:
+    """Whether src/ has uncommitted changes (None when git cannot tell)."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def warn_if_sources_changed(start: str, end: str) -> None:
+    if end != start:
+        loud(
+            "the fhirgate sources changed while the benchmark ran (someone else's edit): figures mix versions"
+        )
+
+
+def report_head(script: str, started: dt.datetime, t_start: float, argv: Sequence[str]) -> dict[str, Any]:
+    """The first members of a results JSON: which script, when, how long, the command line."""
+    return {
+        "benchmark": script,
+        "timestamp": started.isoformat(timespec="seconds"),
+        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "elapsed_s": round(time.monotonic() - t_start, 1),
+        "command": shlex.join(["python", script, *argv]),
+    }
+
+
+@dataclass
+class LuaWrkResult:
+    """wrk's output with one of bench/lua/'s scripts, which prints its own summary as `TAG {json}`."""
+
+    stats: dict[str, Any]  # the script's summary: requests, latencies in us, error counts, ...
+    rps: float
+    non_2xx_3xx: int
+    socket_errors: int  # connect + read + write errors + timeouts
+
+    @property
+    def requests(self) -> int:
+        return int(self.stats["requests"])
+
+    def ms(self, key: str) -> float:
+        """A latency of the summary (`key`, in microseconds) in ms; NaN when nothing completed."""
+        return float("nan") if self.requests == 0 else self.stats[key] / 1000.0
+
+
+def parse_lua_wrk(raw: str, tag: str) -> LuaWrkResult:
+    m = re.search(rf"^{tag} (\{{.*\}})$", raw, re.MULTILINE)
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", raw, re.MULTILINE)
+    if m is None or rps is None:
+        raise RuntimeError(f"wrk output not understood:\n{raw}")
+    s = json.loads(m.group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", raw)
+    return LuaWrkResult(
+        stats=s,
+        rps=float(rps.group(1)),
+        non_2xx_3xx=int(non2xx.group(1)) if non2xx else 0,
+        socket_errors=s["connect_errors"] + s["read_errors"] + s["write_errors"] + s["timeouts"],
+    )
+
+
+def pyspy_path() -> str:
+    """py-spy on PATH or beside this interpreter (it may not exist: check)."""
+    return shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+
+
+def pyspy_worker_stacks(path: Path, needle: str) -> tuple[list[tuple[str, list[str], int]], int]:
+    """py-spy's collapsed stacks (`record --subprocesses --nolineno --format raw`) as (process, frames,
+    samples), only those of the worker processes (the processes with a frame containing `needle`:
+    uvicorn's supervisor only waits on its pipes), and how many worker processes there were."""
+    stacks: list[tuple[str, list[str], int]] = []
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        frames = [f.strip() for f in stack.split(";") if f.strip()]
+        proc = "?"  # child processes are nested: `process MASTER;process CHILD;frames...`
+        while frames and frames[0].startswith("process "):
+            proc = frames.pop(0)
+        if frames:
+            stacks.append((proc, frames, int(n)))
+    workers = {p for p, frames, _ in stacks if any(needle in f for f in frames)}
+    return [st for st in stacks if st[0] in workers], len(workers)
 
 
 if __name__ == "__main__":
