@@ -53,6 +53,11 @@ class RunningAuth:
     app: AuthApp
     backend: str
     database_url: str
+    loop: asyncio.AbstractEventLoop
+
+    def on_server(self, coro: Any) -> Any:
+        """Run a coroutine on the server's own event loop (its store connections live there)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
 
     @property
     def issuer(self) -> str:
@@ -157,7 +162,13 @@ def running_auth(
             app, lifespan="on", log_level="warning", http="httptools", loop="asyncio", access_log=False
         )
     )
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def serve() -> None:
+        loops.append(asyncio.get_running_loop())
+        await server.serve(sockets=[sock])
+
+    thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started:
@@ -166,7 +177,7 @@ def running_auth(
         time.sleep(0.01)
     client = httpx.Client(base_url=base, timeout=30, follow_redirects=False)
     try:
-        yield RunningAuth(base, client, app, backend, database_url)
+        yield RunningAuth(base, client, app, backend, database_url, loops[0])
     finally:
         client.close()
         server.should_exit = True

@@ -415,10 +415,19 @@ def test_no_password_code_or_token_reaches_the_log(
         )
     server_side = ("fhirgate", "authlib", "uvicorn", "starlette", "asyncpg", "anyio")
     text = "\n".join(r.getMessage() for r in caplog.records if r.name.split(".")[0] in server_side)
-    assert "sign-in failed for username 'alice'" in text
+    from fhirgate.authserver.launch import digest
+
+    assert f"sign-in failed for username sha256:{digest('alice')[:12]}" in text
+    with Browser(auth) as browser:  # a password typed into the username field stays out too
+        _, challenge = pkce()
+        browser.login(
+            browser.authorize(auth_params(client_id, challenge, "launch/patient")), "hunter2-password", "x"
+        )
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name.split(".")[0] in server_side)
     for secret in (
         PASSWORD,
         "guess-1",
+        "hunter2-password",
         flow["code"],
         *(flow["token"][k] for k in ("access_token", "refresh_token", "id_token")),
     ):
@@ -536,3 +545,38 @@ def test_private_key_jwt_client_exchanges_a_code(auth: RunningAuth, users: dict[
     )
     assert r.status_code == 200, r.text
     assert r.json()["patient"] == "123"
+
+
+def test_max_age_asks_for_a_fresh_sign_in_and_prompt_none_stands_alone(
+    auth: RunningAuth, users: dict[str, str]
+) -> None:
+    """OpenID Connect Core 3.1.2.1: `max_age` older than the login means signing in again;
+    `prompt=none` combined with another value is `invalid_request`."""
+    client_id = public_client(auth)
+    with Browser(auth) as browser:
+        _, challenge = pkce()
+        first = browser.login(
+            browser.authorize(auth_params(client_id, challenge, "launch/patient")), users["patient"], PASSWORD
+        )
+        assert "Sign in" not in first.text  # signed in: on to consent
+        from fhirgate import clock
+
+        real = clock.now()
+        clock.set_clock(lambda: real + 5)  # the login is now 5 seconds old
+        try:
+            again = browser.authorize(auth_params(client_id, challenge, "launch/patient", max_age="2"))
+        finally:
+            clock.set_clock(None)
+        assert again.status_code == 200
+        assert "Sign in" in again.text
+        recent = browser.authorize(auth_params(client_id, challenge, "launch/patient", max_age="3600"))
+        assert "Sign in" not in recent.text
+        for bad in ("x", "-1", "1.5"):
+            r = browser.authorize(auth_params(client_id, challenge, "launch/patient", max_age=bad))
+            assert r.status_code in (302, 303)
+            assert query_of(r.headers["location"])["error"] == "invalid_request"
+        mixed = browser.authorize(auth_params(client_id, challenge, "launch/patient", prompt="none login"))
+    assert mixed.status_code in (302, 303)
+    query = query_of(mixed.headers["location"])
+    assert query["error"] == "invalid_request"
+    assert query["error_description"] == "prompt=none cannot be combined with other values"

@@ -183,3 +183,52 @@ def test_deleting_the_user_or_the_client_revokes_their_authorizations(auth: Runn
     assert auth.query(
         "SELECT count(*) FROM auth_grant WHERE client_id = ? AND revoked_at IS NULL", (client_id,)
     ) == [(0,)]
+
+
+def _claims(auth: RunningAuth, access_token: str) -> dict[str, Any]:
+    keys = KeySet.import_key_set(auth.client.get("/jwks").json())
+    return dict(jwt.decode(access_token, keys).claims)
+
+
+def test_a_refresh_that_narrows_away_the_patient_scopes_drops_the_patient_context(auth: RunningAuth) -> None:
+    client_id = public_client(auth)
+    first = code_flow(auth, client_id, "carol", PASSWORD, SCOPE)["token"]
+    assert first["patient"] == "c1"
+    narrowed = _refresh(auth, client_id, first["refresh_token"], scope="offline_access")
+    assert narrowed.status_code == 200, narrowed.text
+    body = narrowed.json()
+    assert body["scope"] == "offline_access"
+    assert "patient" not in body
+    assert "patient" not in _claims(auth, body["access_token"])
+
+
+def test_user_scopes_carry_who_the_user_is(auth: RunningAuth) -> None:
+    """A `user/` token says whose access it is (`fhirUser`), so the resource server can limit it."""
+    client_id = public_client(auth)
+    token = code_flow(auth, client_id, "carol", PASSWORD, "user/Observation.rs")["token"]
+    claims = _claims(auth, token["access_token"])
+    assert claims["fhirUser"] == "http://localhost:8000/fhir/Patient/c1"
+
+
+def test_housekeeping_forgets_expired_codes_and_refresh_tokens_a_day_later(auth: RunningAuth) -> None:
+    """The store does not grow with every code and refresh token ever issued."""
+    client_id = public_client(auth)
+    token = code_flow(auth, client_id, "carol", PASSWORD, SCOPE)["token"]
+    family = auth.query("SELECT family FROM auth_refresh ORDER BY created_at DESC LIMIT 1")[0][0]
+    assert auth.query("SELECT count(*) FROM auth_code WHERE family = ?", (family,)) == [(1,)]
+
+    def sweep(at: float) -> None:
+        clock.set_clock(lambda: at)
+        try:
+            auth.on_server(auth.app.housekeep())
+        finally:
+            clock.set_clock(None)
+
+    sweep(clock.now() + 3600)  # the code expired, but less than a day ago: kept
+    assert auth.query("SELECT count(*) FROM auth_code WHERE family = ?", (family,)) == [(1,)]
+    sweep(clock.now() + 2 * 86400)
+    assert auth.query("SELECT count(*) FROM auth_code WHERE family = ?", (family,)) == [(0,)]
+    assert auth.query("SELECT count(*) FROM auth_refresh WHERE family = ?", (family,)) == [(1,)]  # 90 days
+    sweep(clock.now() + 92 * 86400)
+    assert auth.query("SELECT count(*) FROM auth_refresh WHERE family = ?", (family,)) == [(0,)]
+    assert _refresh(auth, client_id, token["refresh_token"]).json()["error"] == "invalid_grant"

@@ -250,7 +250,19 @@ def test_bodies_that_are_not_one_json_object(opened: RunningAuth) -> None:
 
 @pytest.mark.parametrize(
     "uri",
-    ["http://127.0.0.1:6379/jwks", "http://localhost/keys.json", "HTTP://[::1]/x", "file:///etc/passwd"],
+    [
+        "http://127.0.0.1:6379/jwks",
+        "http://localhost/keys.json",
+        "HTTP://[::1]/x",
+        "file:///etc/passwd",
+        "https://127.0.0.1/jwks",
+        "https://localhost:8443/jwks",
+        "https://[::1]/jwks",
+        "https://169.254.169.254/latest/meta-data",
+        "https://10.0.0.5/jwks",
+        "https://192.168.1.1/jwks",
+        "https://api.localhost/jwks",
+    ],
 )
 def test_a_registered_jwks_uri_must_be_https(opened: RunningAuth, uri: str) -> None:
     """The server fetches a client's jwks_uri: /register never lets a caller aim it at a local
@@ -265,8 +277,9 @@ def test_a_registered_jwks_uri_must_be_https(opened: RunningAuth, uri: str) -> N
     assert r.status_code == 400
     assert r.json() == {
         "error": "invalid_client_metadata",
-        "error_description": "jwks_uri must be an https URI when registering through /register (the server "
-        "fetches it); register http loopback key sets with fhirgate clients create",
+        "error_description": "jwks_uri must be an https URI of a public host when registering through "
+        "/register (the server fetches it); register loopback or internal key sets with fhirgate "
+        "clients create",
     }
     assert opened.query("SELECT count(*) FROM auth_client WHERE metadata LIKE ?", ("%register-ssrf%",)) == [
         (0,)

@@ -183,3 +183,24 @@ def test_config_fields() -> None:
     ):
         with pytest.raises((ValueError, ConfigError)):
             Handler.validate_config({"issuer": "https://idp.test", **bad})
+
+
+def test_a_hostile_feed_cannot_keep_entries_forever_or_without_bound(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`exp` far in the future is held at most MAX_TOKEN_LIFETIME; the set stops at MAX_REVOKED
+    (logged once) instead of growing with whatever the feed sends."""
+    monkeypatch.setattr(revocation_feed, "MAX_REVOKED", 50)
+    far = 1e300
+    fetch = FakeFeed(
+        _page([(f"j{i}", far) for i in range(40)], 10, after="j39"),
+        _page([(f"k{i}", far) for i in range(40)], 20),
+    )
+    revoked = RevocationSet()
+    feed = RevocationFeed(URL, 1, fetch, revoked=revoked)
+    with caplog.at_level(logging.ERROR, logger="fhirgate.tokens.revocations"):
+        asyncio.run(feed.poll_once())
+    assert len(revoked) == 50
+    assert max(revoked._ids.values()) <= time.time() + revocation_feed.MAX_TOKEN_LIFETIME + 5
+    assert revoked.prune(time.time() + revocation_feed.MAX_TOKEN_LIFETIME + 10) == 50
+    assert sum("the most this worker keeps" in r.getMessage() for r in caplog.records) == 1

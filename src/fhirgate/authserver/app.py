@@ -55,6 +55,8 @@ log = logging.getLogger("fhirgate.authserver")
 #: another process is noticed within this many seconds).
 KEY_RECHECK_SECONDS = 5.0
 HOUSEKEEPING_SECONDS = 60.0
+#: Codes, refresh tokens, launches and logins are deleted this long after they expired.
+EXPIRED_KEPT_MS = 24 * 3600 * 1000
 #: Failed client authentications allowed per client_id and caller address in RATE_WINDOW_SECONDS
 #: when neither the settings nor the constructor say (settings `auth_rate_limit`).
 DEFAULT_RATE_LIMIT = 10
@@ -172,16 +174,21 @@ class AuthApp:
             await self.store.close()
             self.store = None
 
+    async def housekeep(self) -> None:
+        """Forget what can no longer matter: expired `jti` entries and access-token rows; codes,
+        refresh tokens, launch values and logins a day after they expired."""
+        assert self.store is not None
+        now_ms = int(clock.now() * 1000)
+        async with self.store.write() as s:
+            await s.forget_jtis_before(now_ms)
+            await s.forget_tokens_before(now_ms)
+            await s.forget_expired(now_ms - EXPIRED_KEPT_MS)
+
     async def _housekeeping(self) -> None:
-        """Forget what can no longer matter: expired `jti` entries and access-token rows."""
         while True:
             await asyncio.sleep(HOUSEKEEPING_SECONDS)
             try:
-                assert self.store is not None
-                now_ms = int(clock.now() * 1000)
-                async with self.store.write() as s:
-                    await s.forget_jtis_before(now_ms)
-                    await s.forget_tokens_before(now_ms)
+                await self.housekeep()
             except Exception:
                 log.exception("authorization server housekeeping failed")
 

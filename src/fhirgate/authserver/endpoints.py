@@ -93,7 +93,7 @@ FEED_DEFAULT_LIMIT = 500
 FEED_MAX_LIMIT = 1000
 #: How far back the feed's `next` cursor stays behind now (ms): a revocation whose transaction
 #: commits up to this long after its `revoked_at` was taken is still seen by every poller.
-FEED_SETTLE_MS = 10_000
+FEED_SETTLE_MS = 60_000
 MAX_JTI = 256
 
 ALL_AUTH_METHODS = ["none", "client_secret_basic", "client_secret_post", "private_key_jwt"]
@@ -113,9 +113,33 @@ MSG_JSON_SIZE = f"the body is larger than {MAX_REGISTRATION_BYTES} bytes"
 MSG_JSON_INVALID = "the body is not a valid UTF-8 JSON object"
 MSG_JSON_DUPLICATE = "the JSON object repeats the member {name}"
 MSG_JWKS_URI_HTTPS = (
-    "jwks_uri must be an https URI when registering through /register (the server fetches it); "
-    "register http loopback key sets with fhirgate clients create"
+    "jwks_uri must be an https URI of a public host when registering through /register (the server "
+    "fetches it); register loopback or internal key sets with fhirgate clients create"
 )
+
+
+def public_https(uri: str) -> bool:
+    """An https URI whose host is a name other than localhost, or a public IP address: /register
+    never lets a caller aim the server's fetches at loopback, private or link-local addresses
+    written as literals. (A public name that resolves to an internal address is not caught here:
+    the operator controls who holds the registration token.)"""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(uri)
+        host = parts.hostname
+    except ValueError:
+        return False
+    if parts.scheme.lower() != "https" or not host:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return True  # a name
+    return address.is_global
 
 
 def refresh_token_hash(token: str) -> str:
@@ -363,7 +387,7 @@ class _Endpoints:
         if not isinstance(metadata, dict):
             return oauth_error(400, "invalid_client_metadata", MSG_JSON_INVALID)
         jwks_uri = metadata.get("jwks_uri")
-        if isinstance(jwks_uri, str) and not jwks_uri.lower().startswith("https://"):
+        if isinstance(jwks_uri, str) and not public_https(jwks_uri):
             # the server fetches it: over /register only https, never a loopback service (SSRF)
             return oauth_error(400, "invalid_client_metadata", MSG_JWKS_URI_HTTPS)
         assert self.app.store is not None

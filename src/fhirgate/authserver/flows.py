@@ -393,7 +393,7 @@ class Model:
         code or refresh token was used meanwhile) if that cannot be."""
         now = _now_ms()
         async with self.store.write() as s:
-            if await s.family_revoked(grant.family):
+            if await s.family_revoked(grant.family, lock=True):
                 return "this authorization was revoked"
             if code is not None and not await s.use_code(code.code_hash, now):
                 await s.revoke_family(grant.family, now)
@@ -549,6 +549,11 @@ class CodeGrant(AuthorizationCodeGrant):  # type: ignore[misc]
                 "(a standalone launch asks for launch/patient)"
             )
         prompt = data.get("prompt")
+        if prompt is not None and "none" in prompt.split(" ") and prompt != "none":
+            raise InvalidRequestError(description="prompt=none cannot be combined with other values")
+        max_age = data.get("max_age")
+        if max_age is not None and not (max_age.isascii() and max_age.isdigit() and len(max_age) <= 10):
+            raise InvalidRequestError(description="max_age must be a number of seconds")
         if prompt is not None and "none" in prompt.split(" "):
             if self.request.user is None:
                 raise LoginRequiredError()
@@ -1012,7 +1017,14 @@ class Browser:
             client: OAuthClient = grant.request.client
             name = str(client.metadata.get("client_name") or client.client_id)
             prompt = (pending.params.get("prompt") or "").split(" ")
-            if session is None or ("login" in prompt and not pending.state.get("li")):
+            max_age = pending.params.get("max_age")
+            too_old = (
+                session is not None
+                and max_age is not None
+                and _now_ms() - session.auth_time > int(max_age) * 1000
+                and not pending.state.get("li")
+            )  # OpenID Connect Core 3.1.2.1: sign in again when the login is older than max_age
+            if session is None or too_old or ("login" in prompt and not pending.state.get("li")):
                 return await self.render(
                     pending, "Sign in", lambda h: pages.login_page(self.path + "/authorize/login", h, name)
                 )
@@ -1149,7 +1161,8 @@ class Browser:
         if user is None:
             for k in keys:
                 self.limiter.failed(k)
-            log.info("sign-in failed for username %r from %s", username[:128], address)
+            # not the username itself: people type their password into that field
+            log.info("sign-in failed for username sha256:%s from %s", digest(username)[:12], address)
             return None
         value = secrets.token_urlsafe(32)
         now = _now_ms()
@@ -1479,17 +1492,68 @@ def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Requ
     return run
 
 
+MSG_CROSS_SITE = (
+    "this form was posted from another site ({origin}); the authorization server accepts its own "
+    "pages' forms only: start again from the application"
+)
+MSG_COOKIE_TWICE = (
+    "the browser sent the cookie {name} twice (one may have been set by another site under this "
+    "domain): clear this site's cookies and start again from the application"
+)
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def own_pages_only(
+    handler: Callable[[Request], Awaitable[Response]], issuer: str
+) -> Callable[[Request], Awaitable[Response]]:
+    """For the forms of this server's own pages (login, picker, consent, sign-out, /manage): a POST
+    that a browser says came from another site or origin (`Sec-Fetch-Site`, `Origin`; a sibling
+    subdomain counts as another origin here, though SameSite cookies let it through) is refused,
+    and so is a request carrying one of our cookies twice (a cookie planted for the parent domain
+    beside ours). CSRF tokens are bound to the browser cookie; these checks keep another site from
+    planting that cookie and posting with it. Clients that send neither header (scripts, tests)
+    are not browsers and get the CSRF checks only."""
+    own = _origin(issuer)
+
+    async def run(request: Request) -> Response:
+        raw = request.headers.get("cookie", "")
+        names = [part.split("=", 1)[0].strip() for part in raw.split(";")]
+        for name in (COOKIE_BROWSER, COOKIE_SESSION):
+            if names.count(name) > 1:
+                return pages.error_page(400, "Conflicting cookies", MSG_COOKIE_TWICE.format(name=name))
+        if request.method == "POST":
+            site = request.headers.get("sec-fetch-site")
+            origin = request.headers.get("origin")
+            if site is not None and site not in ("same-origin", "none"):
+                return pages.error_page(403, "Cross-site form", MSG_CROSS_SITE.format(origin=site))
+            if origin is not None and origin.lower() != own:
+                return pages.error_page(403, "Cross-site form", MSG_CROSS_SITE.format(origin=origin[:100]))
+        return await handler(request)
+
+    return run
+
+
 def routes(app: AuthApp) -> list[Route]:
     """This module's HTTP routes."""
     browser = Browser(app)
+    issuer = app.config.issuer
+
+    def own(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        return guarded(own_pages_only(handler, issuer))
+
     return [
+        # the initial request may come from the app's own page (SMART authorize-post): any origin
         Route("/authorize", guarded(browser.authorize), methods=["GET", "POST"]),
-        Route("/authorize/login", guarded(browser.login), methods=["POST"]),
-        Route("/authorize/patient", guarded(browser.pick), methods=["POST"]),
-        Route("/authorize/consent", guarded(browser.consent), methods=["POST"]),
-        Route("/logout", guarded(browser.logout), methods=["GET", "POST"]),
-        Route("/manage", guarded(browser.manage), methods=["GET", "POST"]),
-        Route("/manage/login", guarded(browser.manage_login), methods=["POST"]),
+        Route("/authorize/login", own(browser.login), methods=["POST"]),
+        Route("/authorize/patient", own(browser.pick), methods=["POST"]),
+        Route("/authorize/consent", own(browser.consent), methods=["POST"]),
+        Route("/logout", own(browser.logout), methods=["GET", "POST"]),
+        Route("/manage", own(browser.manage), methods=["GET", "POST"]),
+        Route("/manage/login", own(browser.manage_login), methods=["POST"]),
         Route("/userinfo", guarded(browser.userinfo), methods=["GET", "POST"]),
         Route("/smart-style.json", browser.style, methods=["GET"]),
     ]

@@ -526,6 +526,14 @@ class ClientCredentials(ClientCredentialsGrant):  # type: ignore[misc]
 
 
 #: Members of a user grant's context that the token response carries (SMART App Launch 2.2).
+def launch_context_applies(scopes: Sequence[str]) -> bool:
+    """Whether a grant's scopes still carry its patient/encounter context: a launch scope or a
+    `patient/` scope (a refresh that narrowed them all away drops the context too)."""
+    return any(
+        s in ("launch", "launch/patient", "launch/encounter") or s.startswith("patient/") for s in scopes
+    )
+
+
 CONTEXT_RESPONSE_MEMBERS = ("patient", "encounter", "fhirContext", "need_patient_banner", "smart_style_url")
 
 
@@ -693,10 +701,14 @@ class OAuthServer(AuthorizationServer):  # type: ignore[misc]
             "jti": secrets.token_urlsafe(24),
         }
         if grantee is not None:
-            for name in ("patient", "encounter"):
-                if grantee.context.get(name):
-                    claims[name] = grantee.context[name]
-            if grantee.fhir_user and "fhirUser" in scope_list(scope):
+            scopes = scope_list(scope)
+            if launch_context_applies(scopes):
+                for name in ("patient", "encounter"):
+                    if grantee.context.get(name):
+                        claims[name] = grantee.context[name]
+            # who the user is travels with `fhirUser`, and with every `user/` scope (access "as
+            # this user" means nothing to the resource server without knowing the user)
+            if grantee.fhir_user and ("fhirUser" in scopes or any(s.startswith("user/") for s in scopes)):
                 claims["fhirUser"] = f"{self.config.fhir_base}/{grantee.fhir_user}"
         return claims
 
@@ -728,8 +740,9 @@ class OAuthServer(AuthorizationServer):  # type: ignore[misc]
             granted = scope_list(scope)
             if include_refresh_token and ("offline_access" in granted or "online_access" in granted):
                 token["refresh_token"] = secrets.token_urlsafe(32)
+            with_context = launch_context_applies(granted)
             for name in CONTEXT_RESPONSE_MEMBERS:
-                if name in user.context:
+                if name in user.context and (with_context or name not in ("patient", "encounter")):
                     token[name] = user.context[name]
         return token
 

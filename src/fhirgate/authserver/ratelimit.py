@@ -11,6 +11,7 @@ window and node (documented; a shared Redis counter can replace this behind the 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections import deque
@@ -33,9 +34,15 @@ class FailureLimiter:
         self.window = window
         self._clock = clock
         self._max_keys = max_keys
-        self._failures: dict[str, deque[float]] = {}
+        self._failures: dict[bytes, deque[float]] = {}
 
-    def _recent(self, key: str, now: float) -> deque[float] | None:
+    @staticmethod
+    def _digest(key: str) -> bytes:
+        """Keys are kept as SHA-256 digests: a caller-chosen client_id or username of any length
+        costs 32 bytes here, however many failures are counted."""
+        return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+    def _recent(self, key: bytes, now: float) -> deque[float] | None:
         times = self._failures.get(key)
         if times is None:
             return None
@@ -49,18 +56,19 @@ class FailureLimiter:
     def retry_after(self, key: str) -> int:
         """0 when an attempt may go ahead, else whole seconds until it may."""
         now = self._clock()
-        times = self._recent(key, now)
+        times = self._recent(self._digest(key), now)
         if times is None or len(times) < self.limit:
             return 0
         return max(1, math.ceil(times[0] + self.window - now))
 
     def failed(self, key: str) -> None:
         now = self._clock()
-        times = self._recent(key, now)
+        digest = self._digest(key)
+        times = self._recent(digest, now)
         if times is None:
             if len(self._failures) >= self._max_keys:  # bounded: forget the oldest key
                 self._failures.pop(next(iter(self._failures)))
-            times = self._failures[key] = deque()
+            times = self._failures[digest] = deque()
         times.append(now)
         if len(times) > self.limit:
             times.popleft()

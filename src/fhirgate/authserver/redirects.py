@@ -31,8 +31,14 @@ def _loopback_parts(uri: str) -> tuple[str, str, str] | None:
     return match["host"].lower(), parts.path, parts.query
 
 
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+
+
 def redirect_uri_matches(registered: str, requested: str) -> bool:
-    """Whether `requested` is `registered` (exactly, or with another port on a loopback host)."""
+    """Whether `requested` is `registered` (exactly, or with another port on a loopback host).
+    Whitespace and control characters never match (URL parsers drop tabs and newlines silently)."""
+    if _CONTROL.search(requested):
+        return False
     if requested == registered:
         return True
     want = _loopback_parts(registered)

@@ -415,6 +415,18 @@ class AuthSession:
         )
         return [(str(j), int(e), int(r)) for j, e, r in rows]
 
+    async def forget_expired(self, cutoff_ms: int) -> int:
+        """Delete codes, refresh tokens, launch values and login sessions that expired before
+        `cutoff_ms` (the server keeps them a day past expiry, so a late replay is still recognised
+        as one); returns how many rows went."""
+        total = 0
+        for table in ("auth_code", "auth_refresh", "auth_launch", "auth_login"):
+            total += await self.conn.execute(
+                f"DELETE FROM {table} WHERE expires_at IS NOT NULL AND expires_at < ?",
+                (cutoff_ms,),
+            )
+        return total
+
     async def forget_tokens_before(self, cutoff_ms: int) -> int:
         """Delete the access-token rows that expired before `cutoff_ms`."""
         return await self.conn.execute("DELETE FROM auth_token WHERE expires_at < ?", (cutoff_ms,))
@@ -445,11 +457,17 @@ class AuthSession:
             )
         return len(rows)
 
-    async def family_revoked(self, family: str) -> bool:
-        row = await self.conn.fetchrow(
-            "SELECT 1 FROM auth_grant WHERE family = ? AND revoked_at IS NOT NULL", (family,)
-        )
-        return row is not None
+    async def family_revoked(self, family: str, lock: bool = False) -> bool:
+        """Whether the authorization was revoked. With `lock` (inside a write transaction that is
+        about to issue tokens in the family) the grant row stays locked until the transaction ends,
+        so a concurrent `revoke_family` either comes first (and is seen here) or waits and then
+        reaches the tokens this transaction records (PostgreSQL; SQLite's write transactions
+        already run one at a time)."""
+        sql = "SELECT revoked_at FROM auth_grant WHERE family = ?"
+        if lock and self.conn.dialect == "postgresql":
+            sql += " FOR UPDATE"
+        row = await self.conn.fetchrow(sql, (family,))
+        return row is not None and row[0] is not None
 
     async def secret(self, name: str, make: str, now_ms: int) -> str:
         """The server secret `name`, created with the value `make` if there is none yet (the first

@@ -33,6 +33,7 @@ from urllib.parse import quote
 
 import orjson
 
+from fhirgate import clock
 from fhirgate.tokens.cache import REVOKED, RevocationSet
 from fhirgate.tokens.jwks_cache import MAX_BYTES, Fetched, FetchError, HttpFetcher
 
@@ -44,6 +45,10 @@ MAX_JTI = 256
 MAX_ENTRIES = 10_000
 MAX_PAGES = 20
 PRUNE_EVERY = 60.0
+#: An entry is kept at most this long (s): no access token of ours lives longer than an hour (plus skew).
+MAX_TOKEN_LIFETIME = 3600 + 300
+#: The most revoked tokens one worker holds (a few tens of MB at most).
+MAX_REVOKED = 200_000
 
 
 class FeedError(FetchError):
@@ -108,6 +113,7 @@ class RevocationFeed:
         self.since = 0
         self.after: str | None = None
         self.failing = False
+        self.full = False
         self.polls = 0
         self.failures = 0
         self.learned = 0
@@ -120,12 +126,32 @@ class RevocationFeed:
         return url + f"&after={quote(self.after, safe='')}" if self.after is not None else url
 
     async def poll_once(self) -> int:
-        """Read the feed up to its end (at most `max_pages` pages); returns the entries applied."""
+        """Read the feed up to its end (at most `max_pages` pages); returns the entries applied.
+        An entry is kept until its token's `exp`, but never longer than MAX_TOKEN_LIFETIME from
+        now (an access token lives at most an hour), and the set stops growing at MAX_REVOKED:
+        a broken or hostile feed cannot make the gateway keep entries forever or without bound."""
         applied = 0
+        pruned = False
         for _ in range(self.max_pages):
             page = parse_page((await self.fetch(self._page_url())).body)
+            ceiling = clock.now() + MAX_TOKEN_LIFETIME
             for jti, exp in page.entries:
-                self.revoked.revoke(jti, until=exp)
+                if len(self.revoked) >= MAX_REVOKED and jti not in self.revoked:
+                    if not pruned:
+                        self.revoked.prune()
+                        pruned = True
+                    if len(self.revoked) >= MAX_REVOKED:
+                        if not self.full:
+                            log.error(
+                                "revocation feed %s: %d revoked tokens held, the most this worker keeps; "
+                                "later revocations are not learned until some expire",
+                                self.url,
+                                MAX_REVOKED,
+                            )
+                        self.full = True
+                        continue
+                self.full = False
+                self.revoked.revoke(jti, until=min(exp, ceiling))
             applied += len(page.entries)
             self.since, self.after = page.next, page.after
             if not page.more:
