@@ -210,6 +210,12 @@ class Settings(BaseSettings):
         ge=60,
         description="Browser login session lifetime in seconds; `online_access` refresh tokens end with it.",
     )
+    auth_patient_search_url: str | None = Field(
+        None,
+        description="FHIR base the patient picker searches for Patients (the FHIR server as the "
+        "authorization server reaches it, e.g. `http://127.0.0.1:9080`), with a short-lived system "
+        "token of its own; unset: the picker offers the patients linked to users.",
+    )
     auth_registration_token: str | None = Field(
         None,
         description="Initial access token that opens `/register` (RFC 7591 dynamic registration); "

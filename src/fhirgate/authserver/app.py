@@ -291,6 +291,9 @@ def app_from_settings(settings: Settings) -> AuthApp:
         code_lifetime=settings.auth_code_lifetime,
         refresh_token_lifetime=settings.auth_refresh_token_lifetime,
         login_lifetime=settings.auth_login_lifetime,
+        patient_search_url=settings.auth_patient_search_url.rstrip("/")
+        if settings.auth_patient_search_url
+        else None,
     )
     return AuthApp(settings.auth_database(), config, settings.auth_signing_alg, settings)
 

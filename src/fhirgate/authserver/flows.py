@@ -79,6 +79,8 @@ from fhirgate.authserver.ratelimit import FailureLimiter
 from fhirgate.authserver.store import StoredCode, StoredGrant, StoredRefresh
 
 if TYPE_CHECKING:
+    import httpx
+
     from fhirgate.authserver.app import AuthApp
 
 __all__ = [
@@ -216,6 +218,29 @@ def check_registered_user(client: OAuthClient, scopes: Sequence[str]) -> None:
             raise InvalidScopeError(
                 description=f"scope {_q(s)} is not registered for client {_q(client.client_id)}"
             )
+
+
+_PATIENT_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+def _patient_label(patient: Mapping[str, Any]) -> str:
+    """A Patient's first name entry and birth date, as the picker shows them."""
+    label = "Patient"
+    names = patient.get("name")
+    if isinstance(names, list) and names and isinstance(names[0], dict):
+        name = names[0]
+        given = name.get("given")
+        parts = [str(g) for g in given if isinstance(g, str)] if isinstance(given, list) else []
+        if isinstance(name.get("family"), str):
+            parts.append(name["family"])
+        if not parts and isinstance(name.get("text"), str):
+            parts.append(name["text"])
+        if parts:
+            label = " ".join(parts)[:120]
+    birth = patient.get("birthDate")
+    if isinstance(birth, str) and len(birth) <= 10:
+        label += f", born {birth}"
+    return label
 
 
 def _patient_id(fhir_user: str | None) -> str | None:
@@ -967,11 +992,80 @@ class Browser:
             )
         return client
 
-    async def patients(self) -> list[str]:
+    async def patients(self) -> list[tuple[str, str]]:
+        """The patients the picker offers: (id, label)."""
+        if self.app.config.patient_search_url is not None:
+            return await self.fhir_patients()
         assert self.app.store is not None
         async with self.app.store.read() as s:
             refs = await s.patient_users(PICKER_LIMIT)
-        return [pid for pid in (_patient_id(r) for r in refs) if pid is not None]
+        return [(pid, "Patient") for pid in (_patient_id(r) for r in refs) if pid is not None]
+
+    async def patient_allowed(self, patient: str) -> bool:
+        """Whether `patient` may be chosen: it exists on the FHIR server searched, or is linked to
+        a user."""
+        if self.app.config.patient_search_url is None:
+            return patient in {pid for pid, _ in await self.patients()}
+        if not _PATIENT_ID.fullmatch(patient):
+            return False
+        response = await self.fhir_get(f"/Patient/{patient}")
+        return response.status_code == 200
+
+    async def fhir_get(self, path: str) -> httpx.Response:
+        """GET on the FHIR server the picker searches, with a one-minute system token of this
+        server's own (so a gateway in front of it lets the request in)."""
+        import httpx
+
+        assert self.app.keys is not None
+        config = self.app.config
+        now = int(clock.now())
+        token = self.app.keys.current().sign(
+            {
+                "iss": config.issuer,
+                "sub": config.issuer,
+                "aud": config.fhir_base,
+                "client_id": config.issuer,
+                "scope": "system/Patient.rs",
+                "iat": now,
+                "exp": now + 60,
+                "jti": secrets.token_urlsafe(18),
+            },
+            typ="at+jwt",
+        )
+        url = f"{config.patient_search_url}{path}"
+        try:
+            async with httpx.AsyncClient(timeout=5.0) as http:
+                return await http.get(
+                    url, headers={"Accept": "application/fhir+json", "Authorization": f"Bearer {token}"}
+                )
+        except httpx.HTTPError as exc:
+            raise PageError(
+                502,
+                "Patients unavailable",
+                f"the FHIR server {url} could not be reached ({type(exc).__name__})",
+            ) from None
+
+    async def fhir_patients(self) -> list[tuple[str, str]]:
+        response = await self.fhir_get(f"/Patient?_count={PICKER_LIMIT}&_elements=name,birthDate")
+        try:
+            bundle = response.json() if response.status_code == 200 else None
+        except ValueError:
+            bundle = None
+        if not isinstance(bundle, dict):
+            raise PageError(
+                502,
+                "Patients unavailable",
+                f"the FHIR server answered {response.status_code} to the patient search",
+            )
+        found: list[tuple[str, str]] = []
+        for entry in bundle.get("entry") or []:
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if not isinstance(resource, dict) or resource.get("resourceType") != "Patient":
+                continue
+            pid = resource.get("id")
+            if isinstance(pid, str) and _PATIENT_ID.fullmatch(pid):
+                found.append((pid, _patient_label(resource)))
+        return found
 
     async def patient_for(
         self, grant: CodeGrant, session: Session, pending: Pending
@@ -996,18 +1090,18 @@ class Browser:
                     redirect_uri=grant.redirect_uri,
                 )
             return None, False
-        candidates = await self.patients()
         chosen = pending.state.get("pt")
         if chosen is not None:
-            if chosen not in candidates:
+            if not await self.patient_allowed(str(chosen)):
                 raise PageError(400, "Patient refused", "that patient cannot be chosen: start again")
             return str(chosen), False
+        candidates = await self.patients()
         if not candidates:
             raise AccessDeniedError(
                 description="there is no patient to choose", redirect_uri=grant.redirect_uri
             )
         if len(candidates) == 1:
-            return candidates[0], False
+            return candidates[0][0], False
         return None, True
 
     async def proceed(self, pending: Pending, session: Session | None) -> Response:
@@ -1181,7 +1275,7 @@ class Browser:
             if session is None:
                 return await self.proceed(pending, None)
             patient = form.get("patient")
-            if not patient or patient not in await self.patients():
+            if not patient or not await self.patient_allowed(patient):
                 raise PageError(400, "Patient refused", "choose one of the patients offered")
             pending.state["pt"] = patient
             return await self.proceed(pending, session)

@@ -88,6 +88,9 @@ class ServerConfig:
     code_lifetime: int = 60
     refresh_token_lifetime: int = 90 * 24 * 3600
     login_lifetime: int = 8 * 3600
+    #: The FHIR server the patient picker searches, as this server reaches it (None: the patients
+    #: linked to users in the store).
+    patient_search_url: str | None = None
 
     @property
     def token_endpoint(self) -> str:

@@ -121,11 +121,14 @@ def login_page(
     )
 
 
-def picker_page(action: str, hidden: Mapping[str, str], client_name: str, patients: Sequence[str]) -> str:
+def picker_page(
+    action: str, hidden: Mapping[str, str], client_name: str, patients: Sequence[tuple[str, str]]
+) -> str:
+    """`patients`: (id, label) pairs; the label (a name and birth date, when known) is shown."""
     options = "".join(
         f'<label><input type="radio" name="patient" value="{escape(p)}"{" checked" if i == 0 else ""}> '
-        f"Patient <code>{escape(p)}</code></label>"
-        for i, p in enumerate(patients)
+        f"{escape(label)} <code>Patient/{escape(p)}</code></label>"
+        for i, (p, label) in enumerate(patients)
     )
     return (
         f"{_client(client_name)}<p>Choose the patient whose records the application may use.</p>"

@@ -15,6 +15,7 @@ _PASSED_ON = (
     ("FHIRGATE_AUTH_DATABASE_URL", "auth_database"),
     ("FHIRGATE_AUTH_ISSUER", "auth_issuer"),
     ("FHIRGATE_AUTH_FHIR_BASE", "auth_fhir_base"),
+    ("FHIRGATE_AUTH_PATIENT_SEARCH_URL", "auth_patient_search_url"),
 )
 
 
@@ -45,6 +46,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="URL",
         help="the FHIR base the tokens are for (http://localhost:8000/fhir)",
     )
+    p.add_argument(
+        "--patient-search-url",
+        dest="auth_patient_search_url",
+        metavar="URL",
+        help="FHIR server the patient picker lists Patients from (default: patients linked to users)",
+    )
     p.add_argument("--workers", dest="auth_workers", type=int, help="worker processes (default: cores)")
     p.add_argument("--settings", type=Path, help="node settings file (default ./fhirgate.toml)")
     p.set_defaults(func=run)
@@ -60,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
             "auth_issuer",
             "auth_fhir_base",
             "auth_workers",
+            "auth_patient_search_url",
         ),
         "auth_listen",
     )
@@ -68,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
     settings, host, port = prepared
     for env, name in _PASSED_ON:
         value = getattr(settings, name)
-        os.environ[env] = value() if callable(value) else str(value)
+        value = value() if callable(value) else value
+        if value is not None:
+            os.environ[env] = str(value)
     if args.settings:
         os.environ["FHIRGATE_SETTINGS_FILE"] = str(args.settings)
 
