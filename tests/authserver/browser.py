@@ -148,6 +148,23 @@ def auth_params(client_id: str, challenge: str, scope: str, **extra: str) -> dic
     return params
 
 
+def exchange(auth: RunningAuth, client_id: str, done: httpx.Response, verifier: str) -> Any:
+    """The code in `done` (the consent's redirect) exchanged by a public client: the token response."""
+    assert done.status_code == 303, done.text
+    r = auth.client.post(
+        "/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": query_of(done.headers["location"])["code"],
+            "redirect_uri": REDIRECT,
+            "client_id": client_id,
+            "code_verifier": verifier,
+        },
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 def code_flow(
     auth: RunningAuth,
     client_id: str,

@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.authserver.browser import REDIRECT as REDIRECT_URI
-from tests.authserver.browser import Browser, auth_params, parse_form, pkce, public_client, query_of
+from tests.authserver.browser import Browser, auth_params, exchange, parse_form, pkce, public_client
 from tests.authserver.harness import RunningAuth, database, running_auth
 from tests.fhirserver.harness import RunningFhir, running_fhir
 
@@ -66,19 +65,8 @@ def test_the_picker_lists_the_fhir_servers_patients_and_the_choice_becomes_the_c
         assert set(parse_form(page.text).radios) == set(ids)
         consent = browser.submit(page, {"patient": ids[1]})
         done = browser.consent(consent)
-    assert done.status_code == 303
-    token = auth.client.post(
-        "/token",
-        data={
-            "grant_type": "authorization_code",
-            "code": query_of(done.headers["location"])["code"],
-            "redirect_uri": REDIRECT_URI,
-            "client_id": client_id,
-            "code_verifier": verifier,
-        },
-    )
-    assert token.status_code == 200, token.text
-    assert token.json()["patient"] == ids[1]
+    token = exchange(auth, client_id, done, verifier)
+    assert token["patient"] == ids[1]
 
 
 def test_a_patient_that_does_not_exist_cannot_be_chosen(

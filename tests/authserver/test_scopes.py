@@ -5,14 +5,22 @@ as the checkbox value, granted and echoed exactly; malformed ones refused before
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
-from tests.authserver.browser import REDIRECT, Browser, auth_params, parse_form, pkce, public_client, query_of
+from tests.authserver.browser import (
+    REDIRECT,
+    Browser,
+    auth_params,
+    exchange,
+    parse_form,
+    pkce,
+    public_client,
+    query_of,
+)
 from tests.authserver.harness import RunningAuth, auth
 
 __all__ = ["auth"]
@@ -49,22 +57,6 @@ def consent_page(browser: Browser, client_id: str, scope: str) -> tuple[httpx.Re
     assert page.status_code == 200, page.text
     assert "Allow access" in page.text, page.text
     return page, verifier
-
-
-def exchange(auth: RunningAuth, client_id: str, done: httpx.Response, verifier: str) -> Any:
-    assert done.status_code == 303, done.text
-    r = auth.client.post(
-        "/token",
-        data={
-            "grant_type": "authorization_code",
-            "code": query_of(done.headers["location"])["code"],
-            "redirect_uri": REDIRECT,
-            "client_id": client_id,
-            "code_verifier": verifier,
-        },
-    )
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def scope_claim(auth: RunningAuth, access_token: str) -> str:
