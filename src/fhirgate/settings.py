@@ -225,7 +225,8 @@ class Settings(BaseSettings):
         10,
         ge=1,
         description="Failed logins per username and failed client authentications per client_id "
-        "allowed per minute (per node) before 429 with Retry-After; successes are not counted.",
+        "allowed per minute (counted in each worker process) before 429 with Retry-After; "
+        "successes are not counted.",
     )
     auth_database_url: str | None = Field(
         None,

@@ -194,16 +194,5 @@ def code_flow(
         "location": location,
     }
     if token:
-        r = auth.client.post(
-            "/token",
-            data={
-                "grant_type": "authorization_code",
-                "code": query["code"],
-                "redirect_uri": REDIRECT,
-                "client_id": client_id,
-                "code_verifier": verifier,
-            },
-        )
-        assert r.status_code == 200, r.text
-        out["token"] = r.json()
+        out["token"] = exchange(auth, client_id, done, verifier)
     return out

@@ -14,15 +14,14 @@ from joserfc import jwt
 from joserfc.jwk import KeySet
 
 from tests.authserver.browser import (
-    REDIRECT,
     Browser,
     Form,
     _Parser,
     auth_params,
+    exchange,
     parse_form,
     pkce,
     public_client,
-    query_of,
 )
 from tests.authserver.harness import RunningAuth, auth
 
@@ -61,21 +60,7 @@ def flow(auth: RunningAuth, browser: Browser, client_id: str, user: str, scope: 
     page = browser.authorize(params)
     if "Sign in" in page.text:
         page = browser.login(page, user, PASSWORD)
-    done = browser.consent(page)
-    assert done.status_code in (302, 303), done.text
-    query = query_of(done.headers["location"])
-    r = auth.client.post(
-        "/token",
-        data={
-            "grant_type": "authorization_code",
-            "code": query["code"],
-            "redirect_uri": REDIRECT,
-            "client_id": client_id,
-            "code_verifier": verifier,
-        },
-    )
-    assert r.status_code == 200, r.text
-    return r.json()
+    return exchange(auth, client_id, browser.consent(page), verifier)
 
 
 def refresh(auth: RunningAuth, client_id: str, token: str) -> httpx.Response:

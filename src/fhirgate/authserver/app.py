@@ -42,6 +42,7 @@ from fhirgate.authserver.responses import (
     error_code,
     form_params,
     json_response,
+    method_not_allowed,
     oauth_error,
 )
 from fhirgate.authserver.store import AuthStore
@@ -117,11 +118,14 @@ class AuthApp:
         self.app = Starlette(routes=self.routes(), lifespan=self.lifespan)
 
     def routes(self) -> list[Route]:
+        openid = self._document(metadata.openid_configuration)
+        oauth = self._document(metadata.oauth_metadata)
+        smart = self._document(metadata.smart_configuration)
         issuer_path = urlsplit(self.config.issuer).path.strip("/")
         routes = [
-            Route("/.well-known/openid-configuration", self.openid_configuration, methods=["GET"]),
-            Route("/.well-known/oauth-authorization-server", self.oauth_metadata, methods=["GET"]),
-            Route("/.well-known/smart-configuration", self.smart_configuration, methods=["GET"]),
+            Route("/.well-known/openid-configuration", openid, methods=["GET"]),
+            Route("/.well-known/oauth-authorization-server", oauth, methods=["GET"]),
+            Route("/.well-known/smart-configuration", smart, methods=["GET"]),
             Route("/jwks", self.jwks, methods=["GET"]),
             # POST; any other method is a 405 in RFC 6749 JSON, not Starlette's plain text
             Route("/token", self.token, methods=["POST", "GET", "PUT", "PATCH", "DELETE", "OPTIONS"]),
@@ -132,7 +136,7 @@ class AuthApp:
             routes.append(
                 Route(
                     f"/.well-known/oauth-authorization-server/{issuer_path}",
-                    self.oauth_metadata,
+                    oauth,
                     methods=["GET"],
                 )
             )
@@ -194,14 +198,14 @@ class AuthApp:
 
     # --- metadata ------------------------------------------------------------------------------
 
-    async def openid_configuration(self, _request: Request) -> Response:
-        return json_response(200, metadata.openid_configuration(self.config, self.signing_alg), cache=True)
+    def _document(self, build: Callable[[ServerConfig, str], dict[str, Any]]) -> Callable[[Request], Any]:
+        """A discovery document: it depends on the configuration only, so it is serialised once."""
+        body = json_response(200, build(self.config, self.signing_alg), cache=True).body
 
-    async def oauth_metadata(self, _request: Request) -> Response:
-        return json_response(200, metadata.oauth_metadata(self.config, self.signing_alg), cache=True)
+        async def serve(_request: Request) -> Response:
+            return Response(body, 200, media_type="application/json")
 
-    async def smart_configuration(self, _request: Request) -> Response:
-        return json_response(200, metadata.smart_configuration(self.config, self.signing_alg), cache=True)
+        return serve
 
     async def jwks(self, _request: Request) -> Response:
         assert self.keys is not None
@@ -213,12 +217,17 @@ class AuthApp:
     async def token(self, request: Request) -> Response:
         return await self.client_endpoint(
             request,
-            "the token endpoint takes POST only (RFC 6749 section 3.2)",
+            "the token endpoint",
             lambda server, req: server.create_token_response(req),
+            why=" (RFC 6749 section 3.2)",
         )
 
     async def client_endpoint(
-        self, request: Request, post_only: str, call: Callable[[OAuthServer, TokenRequest], Any]
+        self,
+        request: Request,
+        what: str,
+        call: Callable[[OAuthServer, TokenRequest], Any],
+        why: str = "",
     ) -> Response:
         """An endpoint where the client authenticates (`/token`, `/introspect`, `/revoke`): POST,
         a form body, the Authlib `call`, and one failure limiter for all three, so none of them
@@ -226,7 +235,7 @@ class AuthApp:
         claimed client_id (unverified: the Basic header, the client_id parameter or the
         assertion's sub) and caller address; successes never."""
         if request.method != "POST":
-            return oauth_error(405, "invalid_request", post_only, {"Allow": "POST"})
+            return method_not_allowed("POST", what, why)
         try:
             form = await form_params(request)
         except FormError as exc:

@@ -64,7 +64,7 @@ from fhirgate.authserver.clients import ClientMetadataError, Clients
 from fhirgate.authserver.keys import KeyRing
 from fhirgate.authserver.launch import digest
 from fhirgate.authserver.oauth import Bridge
-from fhirgate.authserver.responses import json_response, oauth_error, single_valued
+from fhirgate.authserver.responses import json_response, method_not_allowed, oauth_error, single_valued
 
 if TYPE_CHECKING:
     from fhirgate.authserver.app import AuthApp
@@ -313,10 +313,6 @@ def install(server: OAuthServer) -> None:
 # --- HTTP ---------------------------------------------------------------------------------------
 
 
-def _method_not_allowed(allow: str) -> Response:
-    return oauth_error(405, "invalid_request", f"this endpoint takes {allow} only", {"Allow": allow})
-
-
 class _Endpoints:
     """The HTTP side of this module, bound to one `AuthApp`."""
 
@@ -327,7 +323,7 @@ class _Endpoints:
         call: Callable[[OAuthServer, TokenRequest], Any] = lambda server, req: (  # noqa: E731
             server.create_endpoint_response(name, req)
         )
-        return await self.app.client_endpoint(request, f"the {name} endpoint takes POST only", call)
+        return await self.app.client_endpoint(request, f"the {name} endpoint", call)
 
     async def introspect(self, request: Request) -> Response:
         return await self._authlib(request, "introspection")
@@ -344,7 +340,7 @@ class _Endpoints:
 
     async def register(self, request: Request) -> Response:
         if request.method != "POST":
-            return _method_not_allowed("POST")
+            return method_not_allowed("POST")
         expected = self._registration_token()
         if expected is None:
             return oauth_error(403, "access_denied", MSG_CLOSED)
@@ -408,7 +404,7 @@ class _Endpoints:
 
     async def revocations(self, request: Request) -> Response:
         if request.method != "GET":
-            return _method_not_allowed("GET")
+            return method_not_allowed("GET")
         try:
             params = single_valued(parse_qsl(request.url.query, keep_blank_values=True))
             since = _int_param(params, "since", 0, 0, 2**53)

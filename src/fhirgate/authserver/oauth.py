@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import hmac
 import json
 import re
 import secrets
@@ -53,6 +52,7 @@ from joserfc.jwk import KeySet
 from fhirgate import clock
 from fhirgate.authserver.clients import CLIENT_ASSERTION_ALGS, secret_matches
 from fhirgate.authserver.keys import SigningKey
+from fhirgate.authserver.redirects import redirect_uri_matches
 from fhirgate.authserver.replay import ReplayRegistry, StoreReplay
 from fhirgate.authserver.store import AuthSession, AuthStore, StoredClient
 
@@ -141,8 +141,6 @@ class OAuthClient(ClientMixin):  # type: ignore[misc]
         return scope or ""
 
     def check_redirect_uri(self, redirect_uri: str) -> bool:
-        from fhirgate.authserver.redirects import redirect_uri_matches
-
         return any(
             redirect_uri_matches(str(r), redirect_uri) for r in self.metadata.get("redirect_uris") or []
         )
@@ -748,7 +746,3 @@ class OAuthServer(AuthorizationServer):  # type: ignore[misc]
                 if name in user.context and (with_context or name not in ("patient", "encounter")):
                     token[name] = user.context[name]
         return token
-
-
-def secret_equal(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())

@@ -19,6 +19,7 @@ __all__ = [
     "error_code",
     "form_params",
     "json_response",
+    "method_not_allowed",
     "oauth_error",
     "safe_description",
     "single_valued",
@@ -33,6 +34,11 @@ def safe_description(text: str) -> str:
     """An RFC 6749 §5.2 `error_description`: printable ASCII without double quote or backslash."""
     text = text.replace("§", "section ")
     return "".join("'" if c == '"' else "?" if c == "\\" or not 0x20 <= ord(c) <= 0x7E else c for c in text)
+
+
+def method_not_allowed(allow: str, what: str = "this endpoint", why: str = "") -> Response:
+    """405 in RFC 6749 JSON with `Allow` (not Starlette's plain text)."""
+    return oauth_error(405, "invalid_request", f"{what} takes {allow} only{why}", {"Allow": allow})
 
 
 def oauth_error(

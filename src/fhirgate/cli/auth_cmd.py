@@ -6,8 +6,8 @@ import argparse
 import asyncio
 import os
 import sys
-from pathlib import Path
 
+from fhirgate.cli.auth_store_cmd import add_store_options
 from fhirgate.cli.serve import redact, serve, service_settings
 
 #: The settings a worker process must see as the parent resolved them.
@@ -29,13 +29,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "start. Settings: these flags, then FHIRGATE_* environment variables, then fhirgate.toml."
         ),
     )
-    p.add_argument("--data-dir", dest="data_dir", type=Path, help="where auth.db lives (.fhirgate)")
-    p.add_argument(
-        "--database",
-        dest="auth_database_url",
-        metavar="URL",
-        help="sqlite:///path/auth.db or postgresql://user@host/db",
-    )
+    add_store_options(p)  # --data-dir, --database, --settings, as keys/users/clients take them
     p.add_argument("--listen", dest="auth_listen", metavar="HOST:PORT", help="default 127.0.0.1:9081")
     p.add_argument(
         "--issuer", dest="auth_issuer", metavar="URL", help="public issuer URL (http://localhost:8000/auth)"
@@ -53,7 +47,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="FHIR server the patient picker lists Patients from (default: patients linked to users)",
     )
     p.add_argument("--workers", dest="auth_workers", type=int, help="worker processes (default: cores)")
-    p.add_argument("--settings", type=Path, help="node settings file (default ./fhirgate.toml)")
     p.set_defaults(func=run)
 
 
